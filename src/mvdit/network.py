@@ -1,0 +1,326 @@
+"""The multiview video DiT of Cosmos-Predict1-7B-Video2World-Sample-AV-Multiview (upstream
+`MultiviewVideoExtendGeneralDIT`), written as plain modules with the released checkpoint's parameter names.
+
+Views are stacked view-major on the time axis: latent frame index v * T + t. Self-attention is joint over every
+view and frame; cross-attention lets each view see only its own text tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from einops.layers.torch import Rearrange
+from torch import Tensor, nn
+
+from mvdit.config import NetConfig
+from mvdit.posemb import RopePosition3D, SinCosPosEmb3D, apply_rope, timestep_sinusoid
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
+    """RMSNorm computed in fp32 (as TransformerEngine does), returned in x's dtype."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.float()).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def layer_norm(x: Tensor) -> Tensor:
+    """LayerNorm without affine parameters, eps 1e-6."""
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+
+
+class PatchEmbed(nn.Module):
+    """[B, C, T, H, W] -> [B, T, H/p, W/p, D]; patch features ordered (c, r, m, n) with c slowest."""
+
+    def __init__(self, in_planes: int, dim: int, patch: int, patch_t: int = 1):
+        super().__init__()
+        self.proj = nn.Sequential(
+            Rearrange("b c (t r) (h m) (w n) -> b t h w (c r m n)", r=patch_t, m=patch, n=patch),
+            nn.Linear(in_planes * patch * patch * patch_t, dim, bias=False),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x)
+
+
+class Timesteps(nn.Module):
+    """c_noise [B] -> sinusoid [B, D] (cos first)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, timesteps: Tensor) -> Tensor:
+        return timestep_sinusoid(timesteps, self.dim)
+
+
+class TimestepEmbedding(nn.Module):
+    """AdaLN-LoRA timestep MLP: sinusoid [B, D] -> modulation bias [B, 3D] shared by every sub-block."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(dim, dim, bias=False)
+        self.linear_2 = nn.Linear(dim, 3 * dim, bias=False)
+
+    def forward(self, emb: Tensor) -> Tensor:
+        return self.linear_2(F.silu(self.linear_1(emb)))
+
+
+def adaln_modulation(dim: int, lora_dim: int, n_chunks: int) -> nn.Sequential:
+    return nn.Sequential(nn.SiLU(), nn.Linear(dim, lora_dim, bias=False), nn.Linear(lora_dim, n_chunks * dim, bias=False))
+
+
+class Attention(nn.Module):
+    """Multi-head attention with per-head q/k RMSNorm, no biases. Parameter names match upstream
+    (`to_q.0` Linear, `to_q.1` norm weight, ...). Self-attention applies RoPE; cross-attention is per view.
+    """
+
+    def __init__(self, dim: int, context_dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.to_q = nn.Sequential(nn.Linear(dim, dim, bias=False), RMSNorm(head_dim))
+        self.to_k = nn.Sequential(nn.Linear(context_dim, dim, bias=False), RMSNorm(head_dim))
+        self.to_v = nn.Sequential(nn.Linear(context_dim, dim, bias=False))
+        self.to_out = nn.Sequential(nn.Linear(dim, dim, bias=False))
+
+    def heads(self, x: Tensor) -> Tensor:
+        return rearrange(x, "b n (h d) -> b h n d", h=self.num_heads)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, rope: Tensor | None = None, n_groups: int = 1) -> Tensor:
+        """x [B, N, D]; context [B, M, Dc] (None: self-attention). With n_groups = V, tokens and context are split
+        into V contiguous groups (views) that attend only within their group. rope [N, head_dim] or None.
+        """
+        ctx = x if context is None else context
+        q = self.to_q[1](self.heads(self.to_q[0](x)))
+        k = self.to_k[1](self.heads(self.to_k[0](ctx)))
+        v = self.heads(self.to_v[0](ctx))
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if n_groups > 1:
+            q, k, v = (rearrange(t, "b h (g n) d -> (b g) h n d", g=n_groups) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        if n_groups > 1:
+            out = rearrange(out, "(b g) h n d -> b h (g n) d", g=n_groups)
+        return self.to_out[0](rearrange(out, "b h n d -> b n (h d)"))
+
+
+class AttentionBlock(nn.Module):
+    def __init__(self, dim: int, context_dim: int, num_heads: int):
+        super().__init__()
+        self.attn = Attention(dim, context_dim, num_heads)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.layer1 = nn.Linear(dim, hidden, bias=False)
+        self.layer2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layer2(F.gelu(self.layer1(x)))
+
+
+class SubBlock(nn.Module):
+    """One of FA / CA / MLP: x + gate * f(LN(x) * (1 + scale) + shift), modulated by the timestep."""
+
+    def __init__(self, kind: str, cfg: NetConfig):
+        super().__init__()
+        d = cfg.model_channels
+        self.kind = kind
+        if kind == "mlp":
+            self.block = MLP(d, int(d * cfg.mlp_ratio))
+        else:
+            ctx_dim = d if kind == "self_attn" else cfg.crossattn_emb_channels
+            self.block = AttentionBlock(d, ctx_dim, cfg.num_heads)
+        self.adaLN_modulation = adaln_modulation(d, cfg.adaln_lora_dim, 3)
+
+    def forward(self, x: Tensor, emb: Tensor, lora: Tensor, context: Tensor, rope: Tensor, n_views: int) -> Tensor:
+        shift, scale, gate = (self.adaLN_modulation(emb) + lora).unsqueeze(1).chunk(3, dim=-1)
+        h = layer_norm(x) * (1 + scale) + shift
+        if self.kind == "self_attn":
+            h = self.block.attn(h, rope=rope)
+        elif self.kind == "cross_attn":
+            h = self.block.attn(h, context, n_groups=n_views)
+        else:
+            h = self.block(h)
+        return x + gate * h
+
+
+class Block(nn.Module):
+    """Self-attention over all views, per-view cross-attention to text, MLP."""
+
+    def __init__(self, cfg: NetConfig):
+        super().__init__()
+        self.blocks = nn.ModuleList([SubBlock(k, cfg) for k in ("self_attn", "cross_attn", "mlp")])
+
+    def forward(self, x, emb, lora, context, rope, pos_emb, n_views: int) -> Tensor:
+        x = x + pos_emb  # upstream re-adds the fixed sin-cos table at the start of every block
+        for sub in self.blocks:
+            x = sub(x, emb, lora, context, rope, n_views)
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, cfg: NetConfig):
+        super().__init__()
+        d, p = cfg.model_channels, cfg.patch_spatial
+        self.linear = nn.Linear(d, p * p * cfg.patch_temporal * cfg.out_channels, bias=False)
+        self.adaLN_modulation = adaln_modulation(d, cfg.adaln_lora_dim, 2)
+
+    def forward(self, x: Tensor, emb: Tensor, lora: Tensor) -> Tensor:
+        d = x.shape[-1]
+        shift, scale = (self.adaLN_modulation(emb) + lora[:, : 2 * d]).unsqueeze(1).chunk(2, dim=-1)
+        return self.linear(layer_norm(x) * (1 + scale) + shift)
+
+
+class MultiviewDiT(nn.Module):
+    """The network F_theta. forward() returns the raw EDM network output for an input already scaled by c_in."""
+
+    def __init__(self, cfg: NetConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, p = cfg.model_channels, cfg.patch_spatial
+        len_h, len_w, len_t = cfg.max_img_h // p, cfg.max_img_w // p, cfg.max_frames // cfg.patch_temporal
+        self.x_embedder = PatchEmbed(cfg.input_planes, d, p, cfg.patch_temporal)
+        self.pos_embedder = RopePosition3D(
+            cfg.head_dim, len_h, len_w, len_t,
+            (cfg.rope_h_extrapolation_ratio, cfg.rope_w_extrapolation_ratio, cfg.rope_t_extrapolation_ratio),
+            cfg.base_fps,
+        )
+        self.extra_pos_embedder = SinCosPosEmb3D(
+            d, len_h, len_w, len_t,
+            (cfg.extra_h_extrapolation_ratio, cfg.extra_w_extrapolation_ratio, cfg.extra_t_extrapolation_ratio),
+        )
+        self.t_embedder = nn.Sequential(Timesteps(d), TimestepEmbedding(d))
+        self.blocks = nn.ModuleDict({f"block{i}": Block(cfg) for i in range(cfg.num_blocks)})
+        self.final_layer = FinalLayer(cfg)
+        self.affline_norm = RMSNorm(d)
+        self.view_embeddings = nn.Embedding(cfg.n_views, cfg.view_condition_dim)
+        if cfg.add_repeat_frame_embedding:
+            self.repeat_frame_embedding = nn.Linear(1, cfg.view_condition_dim)
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Fresh initialisation (upstream: xavier-uniform Linear, N(0, 1) embedding, ones for norms)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                bound = (6.0 / (m.in_features + m.out_features)) ** 0.5
+                m.weight.uniform_(-bound, bound, generator=generator)
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.Embedding):
+                m.weight.normal_(generator=generator)
+            elif isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+        self.pos_embedder.reset_buffers()
+
+    def view_planes(self, b: int, frame_repeat: Tensor | None, dtype, device) -> Tensor:
+        """[B, V, Dv]: view embedding rows 0..V-1, plus the repeat-frame embedding of frame_repeat [B, V]."""
+        n_views = self.cfg.n_views
+        emb = self.view_embeddings(torch.arange(n_views, device=device)).to(dtype)
+        emb = repeat(emb, "v d -> b v d", b=b)
+        if self.cfg.add_repeat_frame_embedding:
+            if frame_repeat is None:
+                frame_repeat = torch.zeros(b, n_views, device=device, dtype=dtype)
+            emb = emb + self.repeat_frame_embedding(frame_repeat.to(dtype)[..., None])
+        return emb
+
+    def forward(
+        self,
+        x: Tensor,
+        timesteps: Tensor,
+        crossattn_emb: Tensor,
+        condition_video_input_mask: Tensor | None = None,
+        fps: Tensor | None = None,
+        padding_mask: Tensor | None = None,
+        frame_repeat: Tensor | None = None,
+        n_views: int | None = None,
+    ) -> Tensor:
+        """x [B, C, V*T, H, W] (c_in-scaled); timesteps [B] = 0.25 ln sigma; crossattn_emb [B, V*L, Dc];
+        condition_video_input_mask [B, 1, V*T, H, W]; fps [B]; padding_mask [B, 1, H', W'] at any resolution;
+        frame_repeat [B, V] (already divided by 10). Returns F [B, C_out, V*T, H, W].
+
+        n_views defaults to the configured count; fewer views use the first rows of the view embedding.
+        """
+        b, _, vt, h, w = x.shape
+        n_views = n_views or self.cfg.n_views
+        if vt % n_views:
+            raise ValueError(f"latent time axis {vt} is not a multiple of n_views={n_views}")
+        if n_views > self.cfg.n_views:
+            raise ValueError(f"{n_views} views requested but the model has {self.cfg.n_views} view embeddings")
+        t = vt // n_views
+        dtype, dev = x.dtype, x.device
+        if condition_video_input_mask is None:
+            condition_video_input_mask = torch.zeros(b, 1, vt, h, w, dtype=dtype, device=dev)
+        planes = [x, condition_video_input_mask.to(dtype)]
+        if self.cfg.concat_padding_mask:
+            if padding_mask is None:
+                padding_mask = torch.zeros(b, 1, h, w, dtype=dtype, device=dev)
+            pm = F.interpolate(padding_mask.to(dtype), size=(h, w), mode="nearest")
+            planes.append(repeat(pm, "b c h w -> b c t h w", t=vt))
+        x = torch.cat(planes, dim=1)
+        views = self.view_planes(b, frame_repeat, dtype, dev)[:, :n_views]
+        views = repeat(views, "b v d -> b d v t h w", t=t, h=h, w=w)
+        x = rearrange(x, "b c (v t) h w -> b c v t h w", v=n_views)
+        x = rearrange(torch.cat([x, views], dim=1), "b c v t h w -> b c (v t) h w")
+
+        x = self.x_embedder(x)  # [B, V*T', H', W', D]
+        _, tp, hp, wp, _ = x.shape
+        x = rearrange(x, "b t h w d -> b (t h w) d")
+        emb = self.t_embedder[0](timesteps.to(dtype))  # the raw sinusoid drives AdaLN, not the MLP output
+        lora = self.t_embedder[1](emb)
+        emb = self.affline_norm(emb)
+        rope = self.pos_embedder(n_views, tp // n_views, hp, wp, fps)
+        pos_emb = self.extra_pos_embedder(n_views, tp // n_views, hp, wp, dtype, dev)
+        context = crossattn_emb.to(dtype)
+        for blk in self.blocks.values():
+            x = blk(x, emb, lora, context, rope, pos_emb, n_views)
+        x = self.final_layer(x, emb, lora)
+        p, pt = self.cfg.patch_spatial, self.cfg.patch_temporal
+        return rearrange(
+            x, "b (t h w) (p1 p2 r c) -> b c (t r) (h p1) (w p2)", t=tp, h=hp, w=wp, p1=p, p2=p, r=pt
+        )
+
+
+class FourierFeatures(nn.Module):
+    """sqrt(2) * cos(x * freqs + phases) with fixed random buffers (persistent, in the checkpoint)."""
+
+    def __init__(self, n: int = 128):
+        super().__init__()
+        self.register_buffer("freqs", 2 * torch.pi * torch.randn(n))
+        self.register_buffer("phases", 2 * torch.pi * torch.rand(n))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x.float().ger(self.freqs.float()).add(self.phases.float())
+        return (y.cos() * 2**0.5).to(x.dtype)
+
+
+class LogVarHead(nn.Sequential):
+    """Learned log-variance u(c_noise) of the uncertainty-weighted loss: Fourier features -> Linear(128 -> 1)."""
+
+    def __init__(self, n: int = 128):
+        super().__init__(FourierFeatures(n), nn.Linear(n, 1, bias=False))
+
+
+class DiffusionModel(nn.Module):
+    """What a checkpoint holds: the network under `net.*` and the log-variance head under `logvar.*`."""
+
+    def __init__(self, cfg: NetConfig):
+        super().__init__()
+        self.net = MultiviewDiT(cfg)
+        self.logvar = LogVarHead()
+
+    @property
+    def cfg(self) -> NetConfig:
+        return self.net.cfg
