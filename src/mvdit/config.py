@@ -102,7 +102,11 @@ MODELS: dict[str, NetConfig] = {
     "7b-multiview-posttrain": NetConfig(view_condition_dim=3, add_repeat_frame_embedding=False),
     "tiny": NetConfig(model_channels=128, num_blocks=2, num_heads=4, adaln_lora_dim=32),
     "tiny-posttrain": NetConfig(
-        model_channels=128, num_blocks=2, num_heads=4, adaln_lora_dim=32, view_condition_dim=3,
+        model_channels=128,
+        num_blocks=2,
+        num_heads=4,
+        adaln_lora_dim=32,
+        view_condition_dim=3,
         add_repeat_frame_embedding=False,
     ),
 }

@@ -77,7 +77,9 @@ class TimestepEmbedding(nn.Module):
 
 
 def adaln_modulation(dim: int, lora_dim: int, n_chunks: int) -> nn.Sequential:
-    return nn.Sequential(nn.SiLU(), nn.Linear(dim, lora_dim, bias=False), nn.Linear(lora_dim, n_chunks * dim, bias=False))
+    return nn.Sequential(
+        nn.SiLU(), nn.Linear(dim, lora_dim, bias=False), nn.Linear(lora_dim, n_chunks * dim, bias=False)
+    )
 
 
 class Attention(nn.Module):
@@ -97,7 +99,9 @@ class Attention(nn.Module):
     def heads(self, x: Tensor) -> Tensor:
         return rearrange(x, "b n (h d) -> b h n d", h=self.num_heads)
 
-    def forward(self, x: Tensor, context: Tensor | None = None, rope: Tensor | None = None, n_groups: int = 1) -> Tensor:
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, rope: Tensor | None = None, n_groups: int = 1
+    ) -> Tensor:
         """x [B, N, D]; context [B, M, Dc] (None: self-attention). With n_groups = V, tokens and context are split
         into V contiguous groups (views) that attend only within their group. rope [N, head_dim] or None.
         """
@@ -194,13 +198,23 @@ class MultiviewDiT(nn.Module):
         len_h, len_w, len_t = cfg.max_img_h // p, cfg.max_img_w // p, cfg.max_frames // cfg.patch_temporal
         self.x_embedder = PatchEmbed(cfg.input_planes, d, p, cfg.patch_temporal)
         self.pos_embedder = RopePosition3D(
-            cfg.head_dim, len_h, len_w, len_t,
+            cfg.head_dim,
+            len_h,
+            len_w,
+            len_t,
             (cfg.rope_h_extrapolation_ratio, cfg.rope_w_extrapolation_ratio, cfg.rope_t_extrapolation_ratio),
             cfg.base_fps,
         )
         self.extra_pos_embedder = SinCosPosEmb3D(
-            d, len_h, len_w, len_t,
-            (cfg.extra_h_extrapolation_ratio, cfg.extra_w_extrapolation_ratio, cfg.extra_t_extrapolation_ratio),
+            d,
+            len_h,
+            len_w,
+            len_t,
+            (
+                cfg.extra_h_extrapolation_ratio,
+                cfg.extra_w_extrapolation_ratio,
+                cfg.extra_t_extrapolation_ratio,
+            ),
         )
         self.t_embedder = nn.Sequential(Timesteps(d), TimestepEmbedding(d))
         self.blocks = nn.ModuleDict({f"block{i}": Block(cfg) for i in range(cfg.num_blocks)})
@@ -288,9 +302,7 @@ class MultiviewDiT(nn.Module):
             x = blk(x, emb, lora, context, rope, pos_emb, n_views)
         x = self.final_layer(x, emb, lora)
         p, pt = self.cfg.patch_spatial, self.cfg.patch_temporal
-        return rearrange(
-            x, "b (t h w) (p1 p2 r c) -> b c (t r) (h p1) (w p2)", t=tp, h=hp, w=wp, p1=p, p2=p, r=pt
-        )
+        return rearrange(x, "b (t h w) (p1 p2 r c) -> b c (t r) (h p1) (w p2)", t=tp, h=hp, w=wp, p1=p, p2=p, r=pt)
 
 
 class FourierFeatures(nn.Module):

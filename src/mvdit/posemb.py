@@ -29,8 +29,15 @@ class RopePosition3D(nn.Module):
     Angles are evaluated in the buffers' dtype, so a model cast to bf16 computes them in bf16 as upstream does.
     """
 
-    def __init__(self, head_dim: int, len_h: int, len_w: int, len_t: int, ratios: tuple[float, float, float],
-                 base_fps: float = 24.0):
+    def __init__(
+        self,
+        head_dim: int,
+        len_h: int,
+        len_w: int,
+        len_t: int,
+        ratios: tuple[float, float, float],
+        base_fps: float = 24.0,
+    ):
         super().__init__()
         self.dim_t, self.dim_h, self.dim_w = axis_split(head_dim)
         self.theta_h = ntk_theta(ratios[0], self.dim_h)
