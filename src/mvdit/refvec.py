@@ -24,10 +24,13 @@ from mvdit.edm import (
     Condition,
     condition_indicator,
     edm_scalings,
+    guided_train_x0,
+    inference_x0,
     num_condition_latent_frames,
-    guided_train_x0, inference_x0, train_denoise
+    train_denoise,
+)
 from mvdit.loss import LossDraws, lognormal_sigma, training_loss
-from mvdit.network import DiffusionModel, MultiviewDiT
+from mvdit.network import DiffusionModel
 from mvdit.sampler import euler_step, init_noise_sigma, karras_sigmas, res_sigmas, sample_euler, sample_res_2ab
 
 ATOL = RTOL = 1e-4  # the README's recommended check for an fp32 CPU re-implementation
@@ -265,13 +268,14 @@ def run_train_loss(model: DiffusionModel, t: dict, meta: dict) -> dict[str, Tens
         p = f"case{i}."
         draws = draws_of(t, p, x0)
         model.zero_grad(set_to_none=True)
-        r = training_loss(model, x0, text, draws, n_views, fps=t.get("input.fps"), padding_mask=t.get("input.padding_mask"))
+        fps, pad = t.get("input.fps"), t.get("input.padding_mask")
+        r = training_loss(model, x0, text, draws, n_views, fps=fps, padding_mask=pad)
         r.loss.backward()
         out.update({p + k: v for k, v in r.parts.items()})
         out.update({p + "loss": r.loss, p + "edm_loss": r.edm_loss, p + "mse_loss": r.mse_loss})
         if p + "rand.sigma_u" in t and p + "sigma" in t:
             out[p + "sigma"] = lognormal_sigma(torch.special.ndtri(t[p + "rand.sigma_u"].double()), 0.0, 1.0)
-        grads = {n: (prm.grad if prm.grad is not None else torch.zeros_like(prm)) for n, prm in model.named_parameters()}
+        grads = {n: torch.zeros_like(w) if w.grad is None else w.grad for n, w in model.named_parameters()}
         net_norms = torch.stack([g.norm() for n, g in grads.items() if n.startswith("net.")])
         all_norms = torch.stack([g.norm() for g in grads.values()])
         out[p + "grad.norm_net"] = net_norms.norm()
@@ -303,8 +307,8 @@ def compare(mine: dict[str, Tensor], ref: dict[str, Tensor], kind: str) -> list[
         else:
             ok, rule = torch.allclose(m, r, rtol=RTOL, atol=ATOL), "allclose(1e-4,1e-4)"
         rows.append(Row(name, err, ref_max, bool(ok), rule))
-    unchecked = [k for k in ref if k not in mine and not k.startswith(("input.", "net.", "logvar.")) and ".rand." not in k]
-    for name in unchecked:
+    skip = ("input.", "net.", "logvar.")
+    for name in [k for k in ref if k not in mine and not k.startswith(skip) and ".rand." not in k]:
         rows.append(Row(name, float("nan"), float("nan"), False, "not computed"))
     return rows
 
