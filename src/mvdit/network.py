@@ -227,14 +227,18 @@ class MultiviewDiT(nn.Module):
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Fresh initialisation (upstream: xavier-uniform Linear, N(0, 1) embedding, ones for norms)."""
+
+        def fill(t: Tensor, sample) -> None:  # draw on the CPU generator so every device gets the same values
+            t.copy_(sample(torch.empty(t.shape)))
+
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 bound = (6.0 / (m.in_features + m.out_features)) ** 0.5
-                m.weight.uniform_(-bound, bound, generator=generator)
+                fill(m.weight, lambda e, b=bound: e.uniform_(-b, b, generator=generator))
                 if m.bias is not None:
                     m.bias.zero_()
             elif isinstance(m, nn.Embedding):
-                m.weight.normal_(generator=generator)
+                fill(m.weight, lambda e: e.normal_(generator=generator))
             elif isinstance(m, RMSNorm):
                 m.weight.fill_(1.0)
         self.pos_embedder.reset_buffers()
