@@ -90,8 +90,8 @@ class Condition:
         return torch.zeros_like(self.gt_latent) if self.augment_noise is None else self.augment_noise
 
 
-def run_net(net: nn.Module, x: Tensor, sigma: Tensor, cond: Condition) -> Tensor:
-    """F = net(c_in(sigma) x, c_noise(sigma), ...) for a scalar or per-sample sigma."""
+def run_net(net: nn.Module, x: Tensor, sigma: Tensor, cond: Condition):
+    """net(c_in(sigma) x, c_noise(sigma), ...) for a scalar or per-sample sigma (F, or (F, u) for a DiffusionModel)."""
     _, _, c_in, c_noise = edm_scalings(sigma)
     b = x.shape[0]
     return net(

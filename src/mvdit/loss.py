@@ -98,8 +98,7 @@ def training_loss(
     net_xt = ind * aug_scaled + (1 - ind) * xt
     cond = Condition(x0, ind, text, n_views, fps=fps, padding_mask=padding_mask, frame_repeat=frame_repeat)
     c_skip, c_out, c_in, c_noise = edm_scalings(sigma, sigma_data)
-    net_out = run_net(model.net, net_xt, sigma, cond)
-    logvar = model.logvar(c_noise)  # [B, 1]
+    net_out, logvar = run_net(model, net_xt, sigma, cond)  # F and u [B, 1] in one call (the FSDP root)
     net_x0_pred = bcast(c_skip, x0) * net_xt + bcast(c_out, x0) * net_out
     x0_pred = ind * x0 + (1 - ind) * net_x0_pred
     pred_mse = (x0 - x0_pred) ** 2

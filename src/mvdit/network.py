@@ -340,3 +340,7 @@ class DiffusionModel(nn.Module):
     @property
     def cfg(self) -> NetConfig:
         return self.net.cfg
+
+    def forward(self, **net_kwargs) -> tuple[Tensor, Tensor]:
+        """(F, u): the network output and the log-variance at its timesteps, in one call (one FSDP root)."""
+        return self.net(**net_kwargs), self.logvar(net_kwargs["timesteps"])

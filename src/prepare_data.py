@@ -1,0 +1,84 @@
+"""Prepare the training data of an experiment and precompute its T5 embeddings, then write the data manifest.
+
+Sources: synthetic (render driving clips), real (validate a user's dataset, see mvdit.data for the layout) and
+mock (upstream's random videos and embeddings, generated on the fly; nothing to write).
+Example: python src/prepare_data.py --experiment experiments/tiny_demo.yaml --out-dir results/tiny_demo/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mvdit.checkpoint import write_json
+from mvdit.data import DatasetError, HeldOutSplit, save_t5_embedding, scan_clips, t5_path
+from mvdit.experiment import ExperimentError, load_experiment, t5_dir
+from mvdit.synthetic import make_synthetic_dataset
+from mvdit.text_encoder import EmbeddingCache, T5TextEncoder, TextEncoderLoadError, encoder_identity
+from mvdit.video_io import VideoReadError
+
+log = logging.getLogger("prepare_data")
+
+
+def embed_captions(root: Path, cameras: list[str], num_frames: int, t5: Path, cache_dir: Path, device: str) -> int:
+    """Write <root>/t5/<camera>/<clip>.safetensors for every caption that has none yet. Returns how many."""
+    clips = scan_clips(root, cameras, num_frames, require_captions=True, require_t5=False)
+    todo = [(c, cam) for c in clips for cam in cameras if cam not in c.t5]
+    if not todo:
+        return 0
+    cache = EmbeddingCache(cache_dir, encoder_identity(t5))
+    dtype = torch.bfloat16 if device != "cpu" else torch.float32
+    prompts = [clip.captions[cam] for clip, cam in todo]
+    embs = cache.encode_cached(lambda: T5TextEncoder(t5, device=device, dtype=dtype), prompts)  # encodes each once
+    for (clip, cam), prompt, emb in tqdm(zip(todo, prompts, embs, strict=True), desc="T5 files", file=sys.stderr):
+        n = cache.get_with_length(prompt)[1]
+        save_t5_embedding(t5_path(root, cam, clip.name, upstream=False), emb[:n], prompt)
+    return len(todo)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--experiment", required=True, type=Path)
+    ap.add_argument("--out-dir", required=True, type=Path, help="synthetic clips and manifest.json go here")
+    ap.add_argument("--t5-dir", type=Path, default=None, help="default: <checkpoint_dir>/google-t5/t5-11b")
+    ap.add_argument("--cache-dir", type=Path, default=Path("results/t5_cache"), help="prompt embedding cache")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
+    try:
+        cfg = load_experiment(args.experiment)
+        d = cfg["data"]
+        manifest = {k: d[k] for k in ("source", "cameras", "num_frames", "height", "width", "text_len", "fps", "seed")}
+        if d["source"] == "mock":
+            manifest |= {"mock_items": d["mock_items"], "train": [], "held_out": []}
+        else:
+            if d["source"] == "synthetic":
+                root = args.out_dir / "clips"
+                make_synthetic_dataset(
+                    root, d["num_clips"], d["num_frames"], d["height"], d["width"], d["seed"], fps=d["fps"]
+                )
+            else:
+                root = Path(d["root"])
+            n = embed_captions(
+                root, d["cameras"], d["num_frames"], args.t5_dir or t5_dir(cfg), args.cache_dir, args.device
+            )
+            log.info("%d new T5 embeddings under %s", n, root / "t5")
+            names = [c.name for c in scan_clips(root, d["cameras"], d["num_frames"])]
+            n_clips = len(names)
+            frac = d["held_out"] / n_clips if n_clips else 0.0
+            train, held = HeldOutSplit(fraction=frac, seed=d["seed"], min_held_out=min(d["held_out"], 1)).split(names)
+            manifest |= {"root": str(root), "train": train, "held_out": held}
+        write_json(args.out_dir / "manifest.json", manifest)
+    except (ExperimentError, DatasetError, VideoReadError, TextEncoderLoadError) as e:
+        print(f"prepare_data.py: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

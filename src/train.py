@@ -1,0 +1,427 @@
+"""Post-train the multiview DiT (upstream `video2world_multiview_7b_example`), launched by torchrun.
+
+One code path for 1 CPU process, N CPU processes (gloo) and N GPUs on M nodes (NCCL): FSDP2 per block then root,
+bf16 compute over fp32 master weights, power-EMA, upstream-named checkpoints, exact auto-resume, clean stop on
+SIGUSR1/SIGTERM. Example: torchrun --nproc_per_node=2 src/train.py --experiment experiments/tiny_demo.yaml \
+  --data-manifest results/tiny_demo/data/manifest.json --out-dir results/tiny_demo/train
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file as load_safetensors
+from safetensors.torch import save_file as save_safetensors
+from tqdm import tqdm
+
+from mvdit.checkpoint import CheckpointError, atomic_write, build_model, load_model, save_state_dict, write_json
+from mvdit.config import get_preset
+from mvdit.experiment import (
+    ExperimentError,
+    dit_dir,
+    ema_beta,
+    ema_gamma,
+    load_experiment,
+    lr_multiplier,
+    tokenizer_dir,
+)
+from mvdit.loss import LossConfig, draw_loss_randomness, training_loss
+from mvdit.manifest import dataset_from_manifest
+from mvdit.network import DiffusionModel
+from mvdit.parallel import broadcast_full_state, full_state_dict, init_distributed, parallelize, sharded_state
+from mvdit.tokenizer import VideoTokenizer
+
+log = logging.getLogger("train")
+EXIT_STOPPED = 3  # stopped by a signal after saving: rerun to resume
+EXIT_NONFINITE = 4  # too many non-finite steps in a row
+
+
+class TrainError(RuntimeError):
+    pass
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--experiment", required=True, type=Path, help="experiment YAML")
+    ap.add_argument("--data-manifest", required=True, type=Path, help="manifest.json written by prepare_data.py")
+    ap.add_argument("--out-dir", required=True, type=Path, help="checkpoints/, train_log.jsonl and final.json go here")
+    ap.add_argument("--init-checkpoint", type=Path, default=None, help="default: <checkpoint_dir>/<DiT repo>/model.pt")
+    ap.add_argument("--tokenizer-dir", type=Path, default=None, help="default: <checkpoint_dir>/<tokenizer repo>")
+    ap.add_argument("--iterations", type=int, default=None, help="override train.iterations")
+    ap.add_argument("--save-iter", type=int, default=None, help="override train.save_iter")
+    ap.add_argument("--debug-nan-at", default="", help=argparse.SUPPRESS)  # fault injection for the test suite
+    ap.add_argument("--debug-kill-in-save", type=int, default=-1, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+
+def ckpt_name(it: int) -> str:
+    return f"iter_{it:09d}"
+
+
+def read_latest(ckpt_dir: Path) -> int | None:
+    """Iteration named by latest_checkpoint.txt (upstream format: a line `iter_000000200.pt`), if complete."""
+    f = ckpt_dir / "latest_checkpoint.txt"
+    if not f.exists():
+        return None
+    name = f.read_text().strip()
+    try:
+        it = int(name.removeprefix("iter_").removesuffix(".pt"))
+    except ValueError as e:
+        raise TrainError(f"{f}: unreadable ({name!r}); delete it to start over or fix the iteration name") from e
+    if not (ckpt_dir / f"{ckpt_name(it)}_train_state").is_dir():
+        raise TrainError(f"{f} names {name} but its training state is missing; restore it or delete {f}")
+    return it
+
+
+def save_checkpoint(ckpt_dir: Path, it: int, model, ema, optim, sched, gen, extra: dict, d, kill_in_save=False):
+    """Write one checkpoint; latest_checkpoint.txt moves only after every file is complete (all atomic)."""
+    stem = ckpt_dir / ckpt_name(it)
+    reg_sd, ema_sd = full_state_dict(model), full_state_dict(ema)
+    state = sharded_state(model, ema, optim)
+    tmp = ckpt_dir / f".{stem.name}_train_state.tmp"
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    dcp.save(state, checkpoint_id=str(tmp))
+    if kill_in_save:
+        os.kill(os.getpid(), signal.SIGKILL)  # fault injection: die with a half-written checkpoint
+    rng = {"generator": gen.get_state(), "cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    atomic_write(
+        f"{stem}_rng_rank{d.rank}.safetensors", lambda p: save_safetensors(rng, p, metadata={"iteration": str(it)})
+    )
+    dist.barrier()
+    if d.main:
+        final = ckpt_dir / f"{stem.name}_train_state"
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        save_state_dict(f"{stem}_reg_model.pt", reg_sd, dtype=torch.bfloat16)
+        save_state_dict(f"{stem}_ema_model.pt", ema_sd, dtype=torch.float32)
+        atomic_write(f"{stem}.pt", lambda p: torch.save({"iteration": it}, p))
+        write_json(
+            f"{stem}_trainer.json", extra | {"iteration": it, "world_size": d.world, "scheduler": sched.state_dict()}
+        )
+        atomic_write(ckpt_dir / "latest_checkpoint.txt", lambda p: Path(p).write_text(f"{stem.name}.pt\n"))
+    dist.barrier()
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
+    its = sorted(int(p.name[5:14]) for p in ckpt_dir.glob("iter_*_train_state"))
+    for it in its[:-keep]:
+        for p in ckpt_dir.glob(f"{ckpt_name(it)}*"):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def load_checkpoint(ckpt_dir: Path, it: int, model, ema, optim, sched, gen, d) -> dict:
+    stem = ckpt_dir / ckpt_name(it)
+    meta = json.loads(Path(f"{stem}_trainer.json").read_text())
+    if meta["world_size"] != d.world:
+        raise TrainError(
+            f"{stem}_trainer.json was written by {meta['world_size']} processes, this run has {d.world}: "
+            "exact resume needs the same count (set train.nproc/nodes back, or use a new experiment name)"
+        )
+    state = sharded_state(model, ema, optim)
+    dcp.load(state, checkpoint_id=f"{stem}_train_state")
+    from mvdit.parallel import load_sharded_state
+
+    load_sharded_state(model, ema, optim, state)
+    sched.load_state_dict(meta["scheduler"])
+    rng = load_safetensors(f"{stem}_rng_rank{d.rank}.safetensors")
+    gen.set_state(rng["generator"])
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------- model set-up
+
+
+def initial_state_dict(cfg: dict, init_path: Path | None) -> dict:
+    """Rank 0: the full fp32 state dict training starts from (strictly loaded release, or seeded scratch)."""
+    net_cfg = get_preset(cfg["model"]["preset"], **cfg["model"]["overrides"])
+    if cfg["train"]["init"] == "scratch":
+        return build_model(net_cfg, seed=cfg["train"]["seed"]).state_dict()
+    model, report = load_model(
+        net_cfg,
+        init_path,
+        reinit=cfg["model"]["reinit"],
+        ignore=cfg["model"]["ignore_keys"],
+        allow_pickle=cfg["model"]["allow_pickle"],
+    )
+    log.info("loaded %d tensors from %s (%d re-initialised)", len(report.loaded), init_path, len(report.reinitialised))
+    return model.state_dict()
+
+
+def sharded_model(cfg: dict, d, full_sd: dict | None, param_dtype, ac: bool) -> DiffusionModel:
+    net_cfg = get_preset(cfg["model"]["preset"], **cfg["model"]["overrides"])
+    with torch.device("meta"):
+        model = DiffusionModel(net_cfg)
+    parallelize(model, d.mesh, param_dtype=param_dtype, activation_checkpointing=ac)
+    model.to_empty(device=d.device)
+    model.net.pos_embedder.reset_buffers()
+    broadcast_full_state(model, full_sd)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """DistributedSampler order (seeded permutation per epoch), able to start mid-epoch at a given batch."""
+
+    def __init__(self, n: int, d, batch: int, seed: int, start_step: int = 0):
+        self.inner = torch.utils.data.DistributedSampler(
+            range(n), num_replicas=d.world, rank=d.rank, shuffle=True, seed=seed, drop_last=True
+        )
+        self.batch, self.start_step = batch, start_step
+        self.steps_per_epoch = len(self.inner) // batch
+        if self.steps_per_epoch == 0:
+            raise TrainError(f"dataset of {n} items is smaller than one global batch ({d.world} x {batch})")
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            epoch, offset = divmod(step, self.steps_per_epoch)
+            self.inner.set_epoch(epoch)
+            idx = list(self.inner)[offset * self.batch : self.steps_per_epoch * self.batch]
+            yield from idx
+            step = (epoch + 1) * self.steps_per_epoch
+
+    def __len__(self):
+        return 2**62
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+
+
+def peak_memory_gb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def train(args: argparse.Namespace) -> int:
+    cfg = load_experiment(args.experiment)
+    t = cfg["train"]
+    iterations = args.iterations or t["iterations"]
+    save_iter = args.save_iter or t["save_iter"]
+    d = init_distributed(t["shard_group_size"], hybrid=t["sharding"] == "hybrid")
+    torch.manual_seed(t["seed"] + d.rank)
+    out = args.out_dir
+    ckpt_dir = out / "checkpoints"
+    if d.main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum
+
+    for s in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(s, on_signal)
+
+    gpu = d.device.type == "cuda"
+    param_dtype = torch.bfloat16 if (gpu and t["precision"] == "bf16") else None
+    ac = t["activation_checkpointing"] == "full"
+    init_path = args.init_checkpoint or dit_dir(cfg) / "model.pt"
+    full_sd = initial_state_dict(cfg, init_path) if d.main else None
+    model = sharded_model(cfg, d, full_sd, param_dtype, ac)
+    ema = sharded_model(cfg, d, full_sd, None, False).requires_grad_(False)
+    del full_sd
+    optim = torch.optim.AdamW(
+        model.parameters(), lr=t["lr"], betas=tuple(t["betas"]), eps=t["eps"], weight_decay=t["weight_decay"]
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda k: lr_multiplier(k, t["warmup_steps"], t["warmup_start"]))
+    gen = torch.Generator(device=d.device).manual_seed(t["seed"] * 1000 + d.rank)
+    gamma = ema_gamma(t["ema_rate"])
+    start, skipped_total = 0, 0
+    latest = read_latest(ckpt_dir)
+    if latest is not None:
+        meta = load_checkpoint(ckpt_dir, latest, model, ema, optim, sched, gen, d)
+        start, skipped_total = latest, meta.get("skipped_steps", 0)
+        if d.main:
+            log.info("resumed from %s at iteration %d", ckpt_dir / ckpt_name(latest), latest)
+
+    dataset = dataset_from_manifest(args.data_manifest, split="train")
+    sampler = ResumableSampler(len(dataset), d, t["batch_size"], seed=t["seed"], start_step=start)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=t["batch_size"],
+        sampler=sampler,
+        num_workers=cfg["data"]["num_workers"],
+        pin_memory=gpu,
+        drop_last=True,
+    )
+    tokenizer = VideoTokenizer(
+        args.tokenizer_dir or tokenizer_dir(cfg),
+        device=d.device,
+        dtype=torch.bfloat16 if param_dtype else torch.float32,
+        pixel_chunk_frames=cfg["data"]["num_frames"],
+    )
+    n_views = len(cfg["data"]["cameras"])
+    loss_cfg = LossConfig(text_dropout=t["text_dropout"], max_cond_frames=t["max_cond_frames"])
+    nan_at = {int(s) for s in args.debug_nan_at.split(",") if s}
+
+    log_path = out / "train_log.jsonl"
+    if d.main:
+        keep = [
+            ln
+            for ln in (log_path.read_text().splitlines() if log_path.exists() else [])
+            if json.loads(ln)["step"] < start
+        ]
+        atomic_write(log_path, lambda p: Path(p).write_text("".join(x + "\n" for x in keep)))
+    bar = tqdm(total=iterations, initial=start, desc="train", unit="it", disable=not d.main, file=sys.stderr)
+    streak, it, data_iter = 0, start, iter(loader)
+    model.train()
+    while it < iterations:
+        t0 = time.perf_counter()
+        batch = next(data_iter)
+        video = batch["video"].to(d.device, non_blocking=True)
+        with torch.no_grad():
+            x = video.to(tokenizer.dtype) / 127.5 - 1  # upstream's training normalisation
+            x0 = tokenizer.encode_views(x, n_views).float()
+        text = batch["t5_text_embeddings"].to(d.device, torch.float32)
+        fps = batch["fps"].to(d.device, torch.float32).reshape(-1)
+        draws = draw_loss_randomness(x0, loss_cfg, gen)
+        out_loss = training_loss(model, x0, text, draws, n_views, fps=fps)
+        loss = out_loss.loss
+        if it in nan_at:
+            loss = loss * float("nan")
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        stats = torch.stack(
+            [loss.detach(), out_loss.edm_loss.detach(), out_loss.mse_loss.detach(), out_loss.logvar.detach().mean()]
+        )
+        dist.all_reduce(stats)
+        stats /= d.world
+        finite = bool(torch.isfinite(stats[0]) and torch.isfinite(grad_norm))
+        lr = optim.param_groups[0]["lr"]
+        if finite:
+            optim.step()
+            with torch.no_grad():
+                beta = ema_beta(it, gamma)
+                e_loc = [p.to_local() for p in ema.parameters()]
+                m_loc = [p.to_local().float() for p in model.parameters()]
+                torch._foreach_mul_(e_loc, beta)
+                torch._foreach_add_(e_loc, m_loc, alpha=1 - beta)
+            streak = 0
+        else:
+            streak += 1
+            skipped_total += 1
+        optim.zero_grad(set_to_none=True)
+        sched.step()
+        it += 1
+        step_time = time.perf_counter() - t0
+        if d.main:
+            rec = {
+                "step": it - 1,
+                "loss": float(stats[0]),
+                "edm_loss": float(stats[1]),
+                "mse_loss": float(stats[2]),
+                "logvar": float(stats[3]),
+                "grad_norm": float(grad_norm),
+                "lr": lr,
+                "n_cond": draws.n_cond,
+                "samples_per_s": d.world * t["batch_size"] / step_time,
+                "step_time_s": step_time,
+                "peak_mem_gb": peak_memory_gb(d.device),
+                "skipped": not finite,
+                "skipped_total": skipped_total,
+            }
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}")
+            bar.update(1)
+        if streak >= t["max_nonfinite_streak"]:
+            last = read_latest(ckpt_dir)
+            msg = (
+                f"{streak} non-finite steps in a row (last at iteration {it - 1}); last good checkpoint: "
+                f"{ckpt_dir / ckpt_name(last) if last else 'none'}; lower train.lr or check the data"
+            )
+            if d.main:
+                print(f"train.py: {msg}", file=sys.stderr)
+            return EXIT_NONFINITE
+        flag = torch.tensor([0 if stop["signal"] is None else 1], device=d.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if it % save_iter == 0 or it == iterations or flag.item():
+            save_checkpoint(
+                ckpt_dir,
+                it,
+                model,
+                ema,
+                optim,
+                sched,
+                gen,
+                {"skipped_steps": skipped_total},
+                d,
+                kill_in_save=args.debug_kill_in_save == it,
+            )
+            if d.main:
+                prune_checkpoints(ckpt_dir, t["keep_checkpoints"])
+        if flag.item() and it < iterations:
+            if d.main:
+                print(
+                    f"train.py: stopped by a signal at iteration {it} after saving {ckpt_dir / ckpt_name(it)}; "
+                    "rerun the same command to resume",
+                    file=sys.stderr,
+                )
+            return EXIT_STOPPED
+    bar.close()
+    if d.main:
+        stem = ckpt_dir / ckpt_name(iterations)
+        write_json(
+            out / "final.json",
+            {
+                "iteration": iterations,
+                "ema_model": f"{stem}_ema_model.pt",
+                "reg_model": f"{stem}_reg_model.pt",
+                "skipped_steps": skipped_total,
+                "world_size": d.world,
+                "experiment": cfg["name"],
+            },
+        )
+    return 0
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    args = parse_args(argv)
+    try:
+        code = train(args)
+    except (ExperimentError, CheckpointError, TrainError) as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        code = 1
+    except torch.OutOfMemoryError as e:
+        print(
+            f"train.py: out of GPU memory ({str(e).splitlines()[0]}); set train.activation_checkpointing: full, "
+            "use more GPUs (FSDP shards the states), fewer data.cameras or a smaller data.height/width",
+            file=sys.stderr,
+        )
+        code = 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
