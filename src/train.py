@@ -237,6 +237,9 @@ def train(args: argparse.Namespace) -> int:
 
     for s in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(s, on_signal)
+    pid_dir = Path(os.environ.get("MVDIT_PID_DIR", "/nonexistent"))
+    if pid_dir.is_dir():  # launch.py signals the workers directly (torchrun does not pass SIGUSR1 on)
+        (pid_dir / f"rank{d.rank}.pid").write_text(str(os.getpid()))
 
     gpu = d.device.type == "cuda"
     param_dtype = torch.bfloat16 if (gpu and t["precision"] == "bf16") else None
@@ -260,7 +263,7 @@ def train(args: argparse.Namespace) -> int:
         if d.main:
             log.info("resumed from %s at iteration %d", ckpt_dir / ckpt_name(latest), latest)
 
-    dataset = dataset_from_manifest(args.data_manifest, split="train")
+    dataset = dataset_from_manifest(args.data_manifest, split="train", cache_items=cfg["data"]["cache_in_memory"])
     sampler = ResumableSampler(len(dataset), d, t["batch_size"], seed=t["seed"], start_step=start)
     loader = torch.utils.data.DataLoader(
         dataset,

@@ -21,8 +21,24 @@ def read_manifest(path: str | Path) -> dict:
         raise ValueError(f"{path}: unreadable data manifest ({e}); re-run the data rule") from e
 
 
-def dataset_from_manifest(path: str | Path, split: str = "train") -> Dataset:
-    """split: "train" or "held_out"."""
+class CachedDataset(Dataset):
+    """Keeps decoded items in memory after their first use (small datasets: decoding mp4s dominates a tiny step)."""
+
+    def __init__(self, inner: Dataset):
+        self.inner = inner
+        self.items: dict[int, dict] = {}
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, index: int) -> dict:
+        if index not in self.items:
+            self.items[index] = self.inner[index]
+        return self.items[index]
+
+
+def dataset_from_manifest(path: str | Path, split: str = "train", cache_items: bool = False) -> Dataset:
+    """split: "train" or "held_out"; cache_items keeps decoded real/synthetic clips in memory."""
     m = read_manifest(path)
     if m["source"] == "mock":
         return MockDataset(

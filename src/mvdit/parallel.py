@@ -22,7 +22,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from mvdit.checkpoint import unwrap_state_dict
-from mvdit.network import Block, DiffusionModel
+from mvdit.network import DiffusionModel
 
 
 @dataclass
@@ -112,10 +112,5 @@ def broadcast_full_state(model: nn.Module, full_sd: dict | None) -> None:
     """Load a full state dict held by rank 0 into a sharded model (other ranks pass {}). The caller's dict is left
     untouched (torch replaces entries of the dict it is given with the sharded tensors).
     """
-    set_model_state_dict(
-        model, dict(full_sd or {}), options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
-    )
-
-
-def is_block(module: nn.Module) -> bool:
-    return isinstance(module, Block)
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
+    set_model_state_dict(model, dict(full_sd or {}), options=opts)

@@ -1,0 +1,126 @@
+"""Score predicted continuations of held-out clips by PSNR: the post-trained model against the model it started
+from and a copy-last-frame baseline (and the tokenizer's own reconstruction as the ceiling).
+
+Example (R=results/tiny_demo): python src/evaluate.py --experiment experiments/tiny_demo.yaml \
+  --data-manifest $R/data/manifest.json --trained <post-trained model.pt> --baseline <release model.pt> \
+  --out $R/report/eval.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mvdit.checkpoint import CheckpointError, load_model, write_json
+from mvdit.config import get_preset
+from mvdit.data import DatasetError
+from mvdit.experiment import ExperimentError, load_experiment, tokenizer_dir
+from mvdit.manifest import dataset_from_manifest
+from mvdit.pipeline import generate
+from mvdit.tokenizer import VideoTokenizer
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of uint8-range frames given as [-1, 1] floats (peak-to-peak 2)."""
+    mse = float(((a.float().clamp(-1, 1) - b.float().clamp(-1, 1)) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--experiment", required=True, type=Path)
+    ap.add_argument("--data-manifest", required=True, type=Path)
+    ap.add_argument("--trained", required=True, type=Path, help="post-trained model.pt")
+    ap.add_argument("--baseline", required=True, type=Path, help="the model training started from")
+    ap.add_argument("--out", required=True, type=Path, help="metrics JSON")
+    ap.add_argument("--tokenizer-dir", type=Path, default=None)
+    ap.add_argument("--guidance", type=float, default=None, help="override infer.guidance")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    try:
+        metrics = evaluate(args)
+    except (ExperimentError, CheckpointError, DatasetError, ValueError) as e:
+        print(f"evaluate.py: {e}", file=sys.stderr)
+        return 1
+    write_json(args.out, metrics)
+    p = metrics["psnr_db"]
+    print(
+        f"PSNR of predicted frames: post-trained {p['post_trained']:.2f} dB, untrained {p['untrained']:.2f} dB, "
+        f"copy-last-frame {p['copy_last_frame']:.2f} dB",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    cfg = load_experiment(args.experiment)
+    d, inf = cfg["data"], cfg["infer"]
+    cameras, f = d["cameras"], d["num_frames"]
+    n_in = inf["num_input_frames"]
+    if n_in >= f:
+        raise ValueError(f"infer.num_input_frames={n_in} leaves no frame to predict in {f}-frame clips")
+    dev = torch.device(args.device)
+    guidance = inf["guidance"] if args.guidance is None else args.guidance
+    dataset = dataset_from_manifest(args.data_manifest, split="held_out")
+    n_clips = min(len(dataset), inf["eval_clips"])
+    if n_clips == 0:
+        raise ValueError(f"{args.data_manifest}: no held-out clips to evaluate (set data.held_out > 0)")
+    tok = VideoTokenizer(args.tokenizer_dir or tokenizer_dir(cfg), device=dev, pixel_chunk_frames=f)
+    net_cfg = get_preset(cfg["model"]["preset"], **cfg["model"]["overrides"])
+    models = {
+        "post_trained": load_model(net_cfg, args.trained, device=dev)[0].eval(),
+        "untrained": load_model(net_cfg, args.baseline, device=dev)[0].eval(),
+    }
+    scores: dict[str, list[float]] = {k: [] for k in [*models, "copy_last_frame", "tokenizer_ceiling"]}
+    for i in range(n_clips):
+        item = dataset[i]
+        video = item["video"].float().to(dev) / 128.0 - 1  # inference normalisation, [3, V*F, H, W]
+        views = video.reshape(3, len(cameras), f, *video.shape[-2:])
+        target = views[:, :, n_in:]
+        cond = views.clone()
+        cond[:, :, n_in:] = 0  # the input frames, zero-padded as the pipeline does
+        cond_video = cond.reshape(1, 3, len(cameras) * f, *video.shape[-2:])
+        with torch.no_grad():
+            gt = tok.encode_views(cond_video, len(cameras))
+            recon = tok.decode_views(tok.encode_views(video[None], len(cameras)), len(cameras))[0]
+        scores["tokenizer_ceiling"].append(psnr(recon.reshape(views.shape)[:, :, n_in:], target))
+        last = views[:, :, n_in - 1 : n_in].expand_as(target)
+        scores["copy_last_frame"].append(psnr(last, target))
+        text = item["t5_text_embeddings"][None].to(dev)
+        for name, model in models.items():
+            latent = generate(
+                model.net,
+                gt,
+                text,
+                cameras,
+                n_in,
+                steps=inf["steps"],
+                guidance=guidance,
+                seed=inf["seed"] + i,
+                compat=cfg["model"]["compat"],
+                fps=float(item["fps"]),
+                progress=False,
+            )
+            with torch.no_grad():
+                pix = tok.decode_views(latent, len(cameras))[0].reshape(views.shape)
+            scores[name].append(psnr(pix[:, :, n_in:], target))
+    return {
+        "experiment": cfg["name"],
+        "clips": n_clips,
+        "num_input_frames": n_in,
+        "guidance": guidance,
+        "steps": inf["steps"],
+        "psnr_db": {k: float(np.mean(v)) for k, v in scores.items()},
+        "psnr_db_per_clip": scores,
+        "beats_baselines": bool(
+            np.mean(scores["post_trained"]) > max(np.mean(scores["untrained"]), np.mean(scores["copy_last_frame"]))
+        ),
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

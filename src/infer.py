@@ -1,0 +1,217 @@
+"""Multiview Video2World inference for one prompt set (upstream `video2world_multiview.py`), working with the
+released checkpoint, our post-trained EMA copy and the tiny demo model alike (chosen by the experiment).
+
+Example: python src/infer.py --experiment experiments/tiny_demo.yaml --prompt-set prompts/snowy_road.yaml \
+  --checkpoint checkpoints/tiny/Cosmos-Predict1-7B-Video2World-Sample-AV-Multiview_post-trained/model.pt \
+  --out-dir results/tiny_demo/infer/snowy_road
+Writes <set>.mp4 (views back to back), <set>_grid.mp4, <set>.txt (upstream's files), <camera>.mp4 per camera,
+<set>_sheet.png and <set>.json (prompts, seed, settings, checkpoint sha256, timings, peak memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mvdit.checkpoint import CheckpointError, atomic_write, load_model, write_json
+from mvdit.config import get_preset
+from mvdit.experiment import ExperimentError, load_experiment, t5_dir, tokenizer_dir
+from mvdit.pipeline import full_grid_views, generate, latent_frames, pad_condition_video, text_context
+from mvdit.prompts import PromptSetError, check_input, load_prompt_sets, read_condition_frames
+from mvdit.text_encoder import EmbeddingCache, T5TextEncoder, TextEncoderLoadError, encoder_identity
+from mvdit.tokenizer import TokenizerLoadError, VideoTokenizer
+from mvdit.video_io import (
+    VideoReadError,
+    concat_views,
+    contact_sheet,
+    from_model_pixels,
+    grid_frames,
+    to_model_pixels,
+    write_video,
+)
+
+log = logging.getLogger("infer")
+
+
+def sha256_of(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--experiment", required=True, type=Path)
+    ap.add_argument("--prompt-set", required=True, type=Path, help="prompts/<name>.yaml (or an upstream .jsonl)")
+    ap.add_argument("--checkpoint", required=True, type=Path, help="model.pt of the DiT to sample from")
+    ap.add_argument("--out-dir", required=True, type=Path)
+    ap.add_argument("--tokenizer-dir", type=Path, default=None)
+    ap.add_argument("--t5-dir", type=Path, default=None)
+    ap.add_argument("--cache-dir", type=Path, default=Path("results/t5_cache"))
+    ap.add_argument("--project-root", type=Path, default=Path.cwd(), help="relative prompt-set paths resolve here")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--steps", type=int, default=None, help="override the number of sampling steps")
+    ap.add_argument("--index", type=int, default=None, help="run only this set of a multi-set (JSONL) file")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
+    try:
+        run(args)
+    except (
+        ExperimentError,
+        PromptSetError,
+        CheckpointError,
+        TokenizerLoadError,
+        TextEncoderLoadError,
+        VideoReadError,
+    ) as e:
+        print(f"infer.py: {e}", file=sys.stderr)
+        return 1
+    except torch.OutOfMemoryError as e:
+        print(
+            f"infer.py: out of GPU memory ({str(e).splitlines()[0]}); set infer.offload_text_encoder and "
+            "infer.offload_tokenizer, use bf16, or fewer data.cameras",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def run(args: argparse.Namespace) -> None:
+    cfg = load_experiment(args.experiment)
+    d, inf = cfg["data"], cfg["infer"]
+    cameras = d["cameras"]
+    # everything that can be wrong with the inputs is found before any model loads
+    sets = load_prompt_sets(args.prompt_set, cameras, args.project_root)
+    if args.index is not None:
+        if not 0 <= args.index < len(sets):
+            raise PromptSetError(f"{args.prompt_set}: no prompt set at index {args.index} (it has {len(sets)})")
+        sets = [sets[args.index]]
+    for ps in sets:
+        check_input(ps, cameras)
+    if not args.checkpoint.is_file():
+        raise CheckpointError(f"checkpoint {args.checkpoint} does not exist: run the train and copy_ema rules first")
+    dev = torch.device(args.device)
+    dtype = torch.bfloat16 if (dev.type == "cuda" and inf["precision"] == "bf16") else torch.float32
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    t5 = args.t5_dir or t5_dir(cfg)
+    cache = EmbeddingCache(args.cache_dir, encoder_identity(t5))
+    t5_device = "cpu" if inf["offload_text_encoder"] else dev
+    texts = {}
+    for ps in sets:  # the text encoder runs (and is released) before the DiT loads
+        embs = cache.encode_cached(lambda: T5TextEncoder(t5, device=t5_device, dtype=dtype), list(ps.prompts.values()))
+        texts[ps.name] = text_context(embs, d["text_len"])
+    timings["text_encoder_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    tok = VideoTokenizer(
+        args.tokenizer_dir or tokenizer_dir(cfg), device=dev, dtype=dtype, pixel_chunk_frames=d["num_frames"]
+    )
+    net_cfg = get_preset(cfg["model"]["preset"], **cfg["model"]["overrides"])
+    model, _ = load_model(net_cfg, args.checkpoint, device=dev, dtype=dtype, allow_pickle=cfg["model"]["allow_pickle"])
+    model.eval()
+    ckpt_sha = sha256_of(args.checkpoint)
+    timings["load_s"] = time.perf_counter() - t0
+
+    for ps in sets:
+        t_set = time.perf_counter()
+        frames = read_condition_frames(ps, cameras)
+        views = [to_model_pixels(f, d["height"], d["width"], dtype=torch.float32).to(dev, dtype) for f in frames]
+        video = pad_condition_video(views, d["num_frames"])
+        with torch.no_grad():
+            if inf["offload_tokenizer"]:
+                tok.to(dev)
+            gt = tok.encode_views(video, len(cameras)).to(dtype)
+            if inf["offload_tokenizer"]:
+                tok.offload()
+        settings = {
+            "steps": args.steps or ps.overrides.get("steps", inf["steps"]),
+            "guidance": float(ps.overrides.get("guidance", inf["guidance"])),
+            "seed": int(ps.overrides.get("seed", inf["seed"])),
+            "fps": float(ps.overrides.get("fps", inf["fps"])),
+            "num_input_frames": ps.num_input_frames,
+            "compat": cfg["model"]["compat"],
+            "frame_repeat": inf["frame_repeat"],
+        }
+        t0 = time.perf_counter()
+        latent = generate(
+            model.net,
+            gt,
+            texts[ps.name],
+            cameras,
+            ps.num_input_frames,
+            steps=settings["steps"],
+            guidance=settings["guidance"],
+            seed=settings["seed"],
+            compat=settings["compat"],
+            fps=settings["fps"],
+            frame_repeat=settings["frame_repeat"],
+        )
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        sample_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            if inf["offload_tokenizer"]:
+                tok.to(dev)
+            pixels = tok.decode_views(latent.to(dtype), len(cameras))[0]
+            if inf["offload_tokenizer"]:
+                tok.offload()
+        decode_s = time.perf_counter() - t0
+        f = d["num_frames"]
+        per_view = {cam: from_model_pixels(pixels[:, i * f : (i + 1) * f]) for i, cam in enumerate(cameras)}
+        write_outputs(args.out_dir, ps, cameras, per_view, settings["fps"])
+        meta = {
+            "prompt_set": ps.name,
+            "source": str(ps.source),
+            "prompts": ps.prompts,
+            "input": str(ps.input),
+            "settings": settings,
+            "experiment": cfg["name"],
+            "model_preset": cfg["model"]["preset"],
+            "checkpoint": str(args.checkpoint),
+            "checkpoint_sha256": ckpt_sha,
+            "device": str(dev),
+            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "dtype": str(dtype),
+            "resolution": [d["height"], d["width"]],
+            "frames_per_view": f,
+            "latent_frames": latent_frames(f),
+            "timings_s": timings
+            | {
+                "sample": sample_s,
+                "decode": decode_s,
+                "set_total": time.perf_counter() - t_set,
+                "per_step": sample_s / settings["steps"],
+            },
+            "peak_gpu_memory_gb": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
+        }
+        write_json(args.out_dir / f"{ps.name}.json", meta)
+        log.info("%s: %d steps in %.1f s -> %s", ps.name, settings["steps"], sample_s, args.out_dir)
+
+
+def write_outputs(out: Path, ps, cameras: list[str], per_view: dict, fps: float) -> None:
+    """Upstream's three files plus one mp4 per camera and a contact sheet; the JSON sidecar is written last."""
+    out.mkdir(parents=True, exist_ok=True)
+    for cam, frames in per_view.items():
+        write_video(out / f"{cam}.mp4", frames, fps)
+    write_video(out / f"{ps.name}.mp4", concat_views([per_view[c] for c in cameras]), fps)
+    write_video(out / f"{ps.name}_grid.mp4", grid_frames(full_grid_views(per_view)), fps)
+    text = "".join(ps.prompts[c].rstrip("\n") + "\n" for c in cameras)
+    atomic_write(out / f"{ps.name}.txt", lambda p: Path(p).write_text(text))
+    contact_sheet(out / f"{ps.name}_sheet.png", [per_view[c] for c in cameras], names=cameras, title=ps.name)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Summarise an experiment: the loss curve (optimised loss and the plain weighted MSE), and one metrics JSON with
+training speed, held-out PSNR against the baselines and per-prompt-set inference timings.
+
+Example (R=results/tiny_demo): python src/report.py --train-log $R/train/train_log.jsonl --eval $R/report/eval.json \
+  --infer-json $R/infer/*/*.json --loss-png $R/report/loss.png --metrics $R/report/metrics.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from mvdit.checkpoint import atomic_write, write_json
+
+
+def read_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def smooth(y: np.ndarray, k: int) -> np.ndarray:
+    if len(y) < k or k < 2:
+        return y
+    return np.convolve(y, np.ones(k) / k, mode="valid")
+
+
+def plot_losses(log: list[dict], path: Path, title: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    steps = np.array([r["step"] for r in log])
+    fig = Figure(figsize=(8, 4.5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    k = max(1, len(log) // 50)
+    for key, label in (("loss", "optimised loss (uncertainty-weighted, can be < 0)"), ("edm_loss", "weighted MSE")):
+        y = np.array([r[key] for r in log], dtype=float)
+        ax.plot(steps, y, alpha=0.25, lw=0.8)
+        ax.plot(steps[k - 1 :] if k > 1 else steps, smooth(y, k), lw=1.8, label=f"{label}, mean of {k}")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--train-log", required=True, type=Path)
+    ap.add_argument("--eval", type=Path, default=None, help="eval.json of evaluate.py (optional)")
+    ap.add_argument("--infer-json", type=Path, nargs="*", default=[])
+    ap.add_argument("--loss-png", required=True, type=Path)
+    ap.add_argument("--metrics", required=True, type=Path)
+    ap.add_argument("--title", default="post-training")
+    args = ap.parse_args(argv)
+    try:
+        log = read_log(args.train_log)
+    except (OSError, json.JSONDecodeError) as e:
+        print(f"report.py: cannot read {args.train_log} ({e}); rerun the train rule", file=sys.stderr)
+        return 1
+    if not log:
+        print(f"report.py: {args.train_log} has no steps; rerun the train rule", file=sys.stderr)
+        return 1
+    plot_losses(log, args.loss_png, args.title)
+    tail = log[-max(1, len(log) // 10) :]
+    metrics = {
+        "train": {
+            "iterations": len(log),
+            "first_loss": log[0]["loss"],
+            "final_loss_mean_last_10pct": float(np.mean([r["loss"] for r in tail])),
+            "final_weighted_mse_mean_last_10pct": float(np.mean([r["edm_loss"] for r in tail])),
+            "skipped_steps": sum(bool(r.get("skipped")) for r in log),
+            "samples_per_s_median": float(np.median([r["samples_per_s"] for r in log])),
+            "step_time_s_median": float(np.median([r["step_time_s"] for r in log])),
+            "peak_mem_gb": max(r["peak_mem_gb"] for r in log),
+        },
+    }
+    if args.eval and args.eval.exists():
+        metrics["held_out"] = json.loads(args.eval.read_text())
+    metrics["inference"] = {}
+    for p in args.infer_json:
+        m = json.loads(p.read_text())
+        metrics["inference"][m["prompt_set"]] = {k: m[k] for k in ("settings", "timings_s", "peak_gpu_memory_gb")}
+    write_json(args.metrics, metrics)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
