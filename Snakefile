@@ -7,7 +7,9 @@ from pathlib import Path
 import yaml
 from snakemake.utils import min_version, validate
 
-sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+BASE = Path(workflow.basedir)  # scripts, prompts and assets live here; results/ and checkpoints/ in the workdir
+SRC = BASE / "src"
+sys.path.insert(0, str(SRC))
 from mvdit.constants import DIT_REPO, T5_REPO, TOKENIZER_REPO
 from mvdit.experiment import ExperimentError, SCHEMA_PATH
 from mvdit.experiment import validate as validate_experiment
@@ -17,20 +19,23 @@ from mvdit.prompts import PromptSetError, load_prompt_sets
 min_version("9.0")
 
 
-configfile: "experiments/tiny_demo.yaml"
+# The default experiment, unless --configfile names one (then the default is not merged underneath it).
+if not workflow.config_settings.configfiles:
+
+    configfile: str(BASE / "experiments" / "tiny_demo.yaml")
 
 
 try:
     validate_experiment(config, "experiment config")  # one-line errors naming the key
 except ExperimentError as e:
     sys.exit(f"error: {e}")
-validate(
-    config, str(SCHEMA_PATH)
-)  # the same schema through Snakemake (defaults already filled)
+validate(config, str(SCHEMA_PATH))  # the same schema through Snakemake (defaults already filled)
 
 EXP = config["name"]
 R = f"results/{EXP}"
-PY = sys.executable
+# the venv's Python normally; the rule's conda env's `python` under --sdm conda (scripts find mvdit beside them)
+PY = "python" if "conda" in str(workflow.deployment_settings.deployment_method).lower() else sys.executable
+ENV = "envs/mvdit.yaml"
 RESOLVED = f"{R}/experiment.yaml"  # the validated config every script reads (written when it changes)
 Path(R).mkdir(parents=True, exist_ok=True)
 _text = yaml.safe_dump(dict(config), sort_keys=False)
@@ -42,21 +47,16 @@ DIT, TOK, T5 = str(dit_dir(config)), str(tokenizer_dir(config)), str(t5_dir(conf
 POST = f"{post_trained_dir(config)}/model.pt"
 CKPT_FOR_INFER = POST if INF["checkpoint"] == "post-trained" else f"{DIT}/model.pt"
 MANIFEST = ".mvdit_manifest.json"
-HAS_EVAL = (
-    config["data"]["source"] != "mock"
-    and config["data"]["held_out"] > 0
-    and T["init"] == "release"
-)
+HAS_EVAL = config["data"]["source"] != "mock" and config["data"]["held_out"] > 0 and T["init"] == "release"
 
 
 def prompt_sets():
     """{name: (file, index)} for prompts/*.yaml and every line of prompts/*.jsonl (optionally filtered)."""
     sets = {}
-    for f in sorted(Path("prompts").glob("*.yaml")) + sorted(
-        Path("prompts").glob("*.jsonl")
-    ):
+    files = sorted((BASE / "prompts").glob("*.yaml")) + sorted((BASE / "prompts").glob("*.jsonl"))
+    for f in files:
         try:
-            found = load_prompt_sets(f, config["data"]["cameras"], Path.cwd())
+            found = load_prompt_sets(f, config["data"]["cameras"], BASE)
         except PromptSetError as e:
             sys.exit(f"error: {e}")
         for i, ps in enumerate(found):
@@ -65,9 +65,7 @@ def prompt_sets():
     if wanted:
         unknown = sorted(set(wanted) - set(sets))
         if unknown:
-            sys.exit(
-                f"error: infer.prompt_sets names unknown set {unknown[0]!r} (have: {', '.join(sets)})"
-            )
+            sys.exit(f"error: infer.prompt_sets names unknown set {unknown[0]!r} (have: {', '.join(sets)})")
         sets = {k: v for k, v in sets.items() if k in wanted}
     return sets
 
@@ -93,27 +91,38 @@ rule download:
         t5=f"{T5}/{MANIFEST}",
     log:
         f"{R}/logs/download.log",
+    conda:
+        ENV
     params:
+        py=PY,
+        src=SRC,
         source=config["checkpoint_source"],
-        ckpt=config["checkpoint_dir"],
+        ckpt=lambda w, output: Path(output.dit).parent.parent,
     shell:
-        "{PY} src/download.py --checkpoint-dir {params.ckpt} --source {params.source} > {log} 2>&1"
+        "{params.py} {params.src}/download.py --checkpoint-dir {params.ckpt} --source {params.source} > {log} 2>&1"
 
 
 rule prepare_data:
     input:
-        rules.download.output.t5,
+        t5=rules.download.output.t5,
     output:
         f"{R}/data/manifest.json",
     log:
         f"{R}/logs/prepare_data.log",
     benchmark:
         f"{R}/benchmarks/prepare_data.tsv"
+    conda:
+        ENV
     params:
+        py=PY,
+        src=SRC,
+        exp=RESOLVED,
         data=config["data"],
-        out=f"{R}/data",
+        out=lambda w, output: Path(output[0]).parent,
+        t5=lambda w, input: Path(input.t5).parent,
     shell:
-        "{PY} src/prepare_data.py --experiment {RESOLVED} --out-dir {params.out} --t5-dir {T5} > {log} 2>&1"
+        "{params.py} {params.src}/prepare_data.py --experiment {params.exp} --out-dir {params.out} --t5-dir {params.t5}"
+        " > {log} 2>&1"
 
 
 rule train:
@@ -127,6 +136,8 @@ rule train:
         f"{R}/logs/train.log",
     benchmark:
         f"{R}/benchmarks/train.tsv"
+    conda:
+        ENV
     threads: T["nproc"]
     resources:
         gpus=res("train", "gpus", 0),
@@ -135,13 +146,18 @@ rule train:
         runtime=res("train", "runtime", 60),
         mem_mb=res("train", "mem_mb", 8000),
     params:
+        py=PY,
+        src=SRC,
+        exp=RESOLVED,
         train=T,
         model=config["model"],
-        out=f"{R}/train",
+        out=lambda w, output: Path(output[0]).parent,
+        init=lambda w, input: Path(input.dit).parent / "model.pt",
+        tok=lambda w, input: Path(input.tokenizer).parent,
     shell:
-        "{PY} src/launch.py --nproc {T[nproc]} --nnodes {T[nodes]} -- src/train.py --experiment {RESOLVED}"
-        " --data-manifest {input.data} --out-dir {params.out} --init-checkpoint {DIT}/model.pt"
-        " --tokenizer-dir {TOK} > {log} 2>&1"
+        "{params.py} {params.src}/launch.py --nproc {params.train[nproc]} --nnodes {params.train[nodes]} --"
+        " {params.src}/train.py --experiment {params.exp} --data-manifest {input.data} --out-dir {params.out}"
+        " --init-checkpoint {params.init} --tokenizer-dir {params.tok} > {log} 2>&1"
 
 
 rule copy_ema:
@@ -151,10 +167,16 @@ rule copy_ema:
         POST,
     log:
         f"{R}/logs/copy_ema.log",
+    conda:
+        ENV
     params:
-        train_dir=f"{R}/train",
+        py=PY,
+        src=SRC,
+        exp=RESOLVED,
+        train_dir=lambda w, input: Path(input[0]).parent,
     shell:
-        "{PY} src/copy_ema.py --experiment {RESOLVED} --train-dir {params.train_dir} --out {output} > {log} 2>&1"
+        "{params.py} {params.src}/copy_ema.py --experiment {params.exp} --train-dir {params.train_dir} --out {output}"
+        " > {log} 2>&1"
 
 
 rule infer:
@@ -183,32 +205,51 @@ rule infer:
         f"{R}/benchmarks/infer_{{ps}}.tsv"
     wildcard_constraints:
         ps="[A-Za-z0-9_.-]+",
+    conda:
+        ENV
     resources:
         gpus=res("infer", "gpus", 0),
         runtime=res("infer", "runtime", 30),
         mem_mb=res("infer", "mem_mb", 4000),
     params:
+        py=PY,
+        src=SRC,
+        base=BASE,
+        exp=RESOLVED,
         infer=INF,
         index=lambda w: SETS[w.ps][1],
-        out=lambda w: f"{R}/infer/{w.ps}",
+        out=lambda w, output: Path(output.meta).parent,
+        tok=lambda w, input: Path(input.tokenizer).parent,
+        t5=lambda w, input: Path(input.t5).parent,
     shell:
-        "{PY} src/infer.py --experiment {RESOLVED} --prompt-set {input.prompt_set} --index {params.index}"
-        " --checkpoint {input.checkpoint} --out-dir {params.out} --tokenizer-dir {TOK} --t5-dir {T5} > {log} 2>&1"
+        "{params.py} {params.src}/infer.py --experiment {params.exp} --prompt-set {input.prompt_set} --index {params.index}"
+        " --checkpoint {input.checkpoint} --out-dir {params.out} --tokenizer-dir {params.tok} --t5-dir {params.t5}"
+        " --project-root {params.base}"
+        " > {log} 2>&1"
 
 
 rule evaluate:
     input:
         trained=POST,
         data=rules.prepare_data.output,
+        dit=rules.download.output.dit,
+        tokenizer=rules.download.output.tokenizer,
     output:
         f"{R}/report/eval.json",
     log:
         f"{R}/logs/evaluate.log",
+    conda:
+        ENV
     params:
+        py=PY,
+        src=SRC,
+        exp=RESOLVED,
         infer=INF,
+        baseline=lambda w, input: Path(input.dit).parent / "model.pt",
+        tok=lambda w, input: Path(input.tokenizer).parent,
     shell:
-        "{PY} src/evaluate.py --experiment {RESOLVED} --data-manifest {input.data} --trained {input.trained}"
-        " --baseline {DIT}/model.pt --tokenizer-dir {TOK} --out {output} > {log} 2>&1"
+        "{params.py} {params.src}/evaluate.py --experiment {params.exp} --data-manifest {input.data} --trained {input.trained}"
+        " --baseline {params.baseline} --tokenizer-dir {params.tok} --out {output} > {log} 2>&1"
 
 
 rule report:
@@ -217,17 +258,18 @@ rule report:
         eval=rules.evaluate.output if HAS_EVAL else [],
         infer=expand(f"{R}/infer/{{ps}}/{{ps}}.json", ps=SETS),
     output:
-        loss=report(
-            f"{R}/report/loss.png", category="Training", labels={"plot": "loss curve"}
-        ),
-        metrics=report(
-            f"{R}/report/metrics.json", category="Metrics", labels={"file": "metrics"}
-        ),
+        loss=report(f"{R}/report/loss.png", category="Training", labels={"plot": "loss curve"}),
+        metrics=report(f"{R}/report/metrics.json", category="Metrics", labels={"file": "metrics"}),
     log:
         f"{R}/logs/report.log",
+    conda:
+        ENV
     params:
+        py=PY,
+        src=SRC,
+        title=EXP,
         eval_arg=lambda w, input: f"--eval {input.eval}" if input.eval else "",
-        log_jsonl=f"{R}/train/train_log.jsonl",
+        log_jsonl=lambda w, input: Path(input.train[0]).parent / "train_log.jsonl",
     shell:
-        "{PY} src/report.py --train-log {params.log_jsonl} {params.eval_arg} --infer-json {input.infer}"
-        " --loss-png {output.loss} --metrics {output.metrics} --title {EXP} > {log} 2>&1"
+        "{params.py} {params.src}/report.py --train-log {params.log_jsonl} {params.eval_arg} --infer-json {input.infer}"
+        " --loss-png {output.loss} --metrics {output.metrics} --title {params.title} > {log} 2>&1"
