@@ -166,3 +166,22 @@ def ema_gamma(rate: float) -> float:
 def ema_beta(it: int, gamma: float) -> float:
     """Decay after step `it` (0-based): 0 at it = 0 (the EMA becomes the weights), then (1 - 1/(it+1))^(gamma+1)."""
     return 0.0 if it == 0 else (1 - 1 / (it + 1)) ** (gamma + 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m mvdit.experiment FILE...: validate experiment files (exit 1 with one line per bad file)."""
+    import sys
+
+    bad = 0
+    for path in argv if argv is not None else sys.argv[1:]:
+        try:
+            load_experiment(path)
+            print(f"{path}: ok")
+        except ExperimentError as e:
+            print(f"error: {e}", file=sys.stderr)
+            bad += 1
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,70 @@
+"""Experiment YAML validation: defaults, unknown keys, wrong types and impossible combinations are one-line errors."""
+
+import pytest
+import yaml
+
+from mvdit.experiment import ExperimentError, ema_beta, ema_gamma, load_experiment, lr_multiplier, validate
+
+from .conftest import ROOT
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "experiments").glob("*.yaml")))
+def test_every_shipped_experiment_validates(name):
+    cfg = load_experiment(ROOT / "experiments" / name)
+    assert cfg["name"] and cfg["train"]["iterations"] >= 1
+
+
+def test_7b_example_has_upstreams_settings():
+    cfg = load_experiment(ROOT / "experiments" / "video2world_multiview_7b_example.yaml")
+    t, d = cfg["train"], cfg["data"]
+    assert (d["num_frames"], d["height"], d["width"], len(d["cameras"])) == (57, 480, 848, 6)
+    assert (t["iterations"], t["save_iter"], t["batch_size"]) == (2000, 200, 1)
+    assert t["lr"] == pytest.approx(2**-14.3) and t["betas"] == [0.9, 0.99] and t["eps"] == 1e-10
+    assert t["weight_decay"] == 0.1 and t["warmup_steps"] == 2500 and t["ema_rate"] == 0.1
+    assert d["source"] == "mock" and cfg["model"]["preset"] == "7b-multiview"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"bogus": 1}, "unknown key bogus"),
+        ({"train": {"oops": 1}}, "unknown key train.oops"),
+        ({"train": {"lr": "fast"}}, "train.lr: 'fast' is not of type 'number'"),
+        ({"data": {"height": 50}}, "data.height: 50 is not divisible by 16"),
+        ({"data": {"num_frames": 20}}, "data.num_frames: 20 is not 1 + 8k"),
+        ({"model": {"preset": "tiny", "overrides": {"n_views": 2}}}, "data.cameras: 6 views but the model has 2"),
+        ({"train": {"nproc": 2}, "resources": {"train": {"gpus": 4}}}, "resources.train.gpus"),
+        ({"data": {"source": "real"}}, "data.root"),
+        ({"infer": {"num_input_frames": 5}}, "infer.num_input_frames"),
+        ({"model": {"overrides": {"wings": 2}}}, "model.overrides"),
+    ],
+)
+def test_bad_configs_are_one_line_errors_naming_the_key(change, message):
+    cfg = {"name": "x", **change}
+    with pytest.raises(ExperimentError) as e:
+        validate(cfg, "exp.yaml")
+    assert message in str(e.value) and "\n" not in str(e.value) and str(e.value).startswith("exp.yaml: ")
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("name: x\ntrain:\n  lr: [1, 2\n")
+    with pytest.raises(ExperimentError, match=r"bad.yaml: line \d+, column \d+: malformed YAML"):
+        load_experiment(p)
+
+
+def test_schedule_and_ema_match_upstream():
+    assert lr_multiplier(0, 2500, 1e-6) == pytest.approx(1e-6)
+    assert lr_multiplier(1000, 2500, 1e-6) == pytest.approx(0.4, rel=1e-5)
+    assert lr_multiplier(3000, 2500, 1e-6) == 1.0
+    g = ema_gamma(0.1)
+    assert g == pytest.approx(6.9372, abs=1e-4)
+    assert ema_beta(0, g) == 0.0
+    assert [round(ema_beta(i, g), 4) for i in (1, 10, 100, 1000, 1999)] == [0.0041, 0.4693, 0.9241, 0.9921, 0.996]
+
+
+def test_defaults_are_filled(tmp_path):
+    p = tmp_path / "e.yaml"
+    p.write_text(yaml.safe_dump({"name": "e"}))
+    cfg = load_experiment(p)
+    assert cfg["train"]["save_iter"] == 200 and cfg["infer"]["steps"] == 35 and cfg["model"]["compat"] == "fixed"
