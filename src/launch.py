@@ -90,7 +90,10 @@ def main(argv=None) -> int:
     for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(s, forward)
     try:
-        return proc.wait()
+        code = proc.wait()
+        # torchrun turns any worker failure into exit 1; the workers' own codes (3 stopped, 4 non-finite) matter
+        codes = [int(p.read_text()) for p in Path(pid_dir).glob("*.exit")]
+        return max(codes) if code and codes and max(codes) > 1 else code
     finally:
         shutil.rmtree(pid_dir, ignore_errors=True)
 

@@ -408,6 +408,7 @@ def train(args: argparse.Namespace) -> int:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     args = parse_args(argv)
+    code = 1  # an unexpected exception propagates with its traceback and this code
     try:
         code = train(args)
     except (ExperimentError, CheckpointError, TrainError) as e:
@@ -422,6 +423,9 @@ def main(argv=None) -> int:
         code = 1
     finally:
         if dist.is_initialized():
+            pid_dir = Path(os.environ.get("MVDIT_PID_DIR", "/nonexistent"))
+            if pid_dir.is_dir():  # tell launch.py why we stopped: torchrun reports every failure as exit 1
+                (pid_dir / f"rank{dist.get_rank()}.exit").write_text(str(code))
             dist.destroy_process_group()
     return code
 

@@ -1,0 +1,199 @@
+"""The training engine: 2 gloo processes, exact resume after SIGKILL (also mid-save), non-finite steps, signals."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from mvdit.tokenizer import build_tiny_tokenizer
+
+from .conftest import ROOT
+
+SRC = ROOT / "src"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    build_tiny_tokenizer(d / "tokenizer")
+    exp = {
+        "name": "t",
+        "model": {"preset": "tiny"},
+        "data": {"source": "mock", "mock_items": 16, "num_frames": 9, "height": 32, "width": 48, "text_len": 8},
+        "train": {
+            "init": "scratch",
+            "iterations": 10,
+            "save_iter": 4,
+            "nproc": 2,
+            "lr": 1e-3,
+            "warmup_steps": 3,
+            "precision": "fp32",
+            "activation_checkpointing": "none",
+            "max_nonfinite_streak": 3,
+        },
+    }
+    (d / "exp.yaml").write_text(yaml.safe_dump(exp))
+    r = subprocess.run(
+        [sys.executable, SRC / "prepare_data.py", "--experiment", d / "exp.yaml", "--out-dir", d / "data"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    return d
+
+
+def launch(setup, out, *extra, nproc=2):
+    cmd = [
+        sys.executable,
+        SRC / "launch.py",
+        "--nproc",
+        str(nproc),
+        "--",
+        SRC / "train.py",
+        "--experiment",
+        setup / "exp.yaml",
+        "--data-manifest",
+        setup / "data/manifest.json",
+        "--out-dir",
+        out,
+        "--tokenizer-dir",
+        setup / "tokenizer",
+        *extra,
+    ]
+    return subprocess.Popen(
+        [str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+
+
+def run(setup, out, *extra, nproc=2, timeout=240):
+    p = launch(setup, out, *extra, nproc=nproc)
+    _, err = p.communicate(timeout=timeout)
+    return p.returncode, err
+
+
+def losses(out):
+    return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)
+
+
+def assert_same_weights(a, b):
+    sa, sb = weights(a), weights(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    out = setup / "ref"
+    code, err = run(setup, out)
+    assert code == 0, err
+    return out
+
+
+def test_uninterrupted_run_writes_upstream_checkpoints(reference):
+    ck = reference / "checkpoints"
+    assert (ck / "latest_checkpoint.txt").read_text().strip() == "iter_000000010.pt"
+    for it in (4, 8, 10):
+        for suffix in ("_reg_model.pt", "_ema_model.pt", ".pt"):
+            assert (ck / f"iter_{it:09d}{suffix}").exists()
+    assert weights(ck / "iter_000000010.pt") == {"iteration": 10}
+    reg, ema = weights(ck / "iter_000000010_reg_model.pt"), weights(ck / "iter_000000010_ema_model.pt")
+    assert reg["net.x_embedder.proj.1.weight"].dtype == torch.bfloat16
+    assert ema["net.x_embedder.proj.1.weight"].dtype == torch.float32
+    assert all(k.startswith(("net.", "logvar.")) for k in ema)
+    log = [json.loads(x) for x in (reference / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(10))
+    assert {
+        "loss",
+        "edm_loss",
+        "mse_loss",
+        "logvar",
+        "grad_norm",
+        "lr",
+        "samples_per_s",
+        "step_time_s",
+        "peak_mem_gb",
+    } <= set(log[0])
+    assert log[0]["lr"] == pytest.approx(1e-3 * 1e-6) and log[5]["lr"] == pytest.approx(1e-3)
+
+
+def test_sigkill_at_a_random_step_then_rerun_is_bitwise_identical(setup, reference):
+    out = setup / "killed"
+    p = launch(setup, out)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        log = out / "train_log.jsonl"
+        if log.exists() and len(log.read_text().splitlines()) >= 6:
+            break
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not (out / "final.json").exists()
+    code, err = run(setup, out)
+    assert code == 0, err
+    assert losses(out) == losses(reference)
+    for name in ("iter_000000010_ema_model.pt", "iter_000000010_reg_model.pt"):
+        assert_same_weights(out / "checkpoints" / name, reference / "checkpoints" / name)
+
+
+def test_kill_during_a_checkpoint_save_leaves_the_previous_one_in_charge(setup, reference):
+    out = setup / "killed_in_save"
+    code, _ = run(setup, out, "--debug-kill-in-save", "8")
+    assert code != 0
+    ck = out / "checkpoints"
+    assert (ck / "latest_checkpoint.txt").read_text().strip() == "iter_000000004.pt"
+    assert not (ck / "iter_000000008_train_state").exists()
+    code, err = run(setup, out)
+    assert code == 0, err
+    assert losses(out) == losses(reference)
+    assert_same_weights(ck / "iter_000000010_ema_model.pt", reference / "checkpoints/iter_000000010_ema_model.pt")
+
+
+def test_non_finite_step_is_skipped_and_a_streak_stops_the_run(setup):
+    out = setup / "nan_once"
+    code, err = run(setup, out, "--debug-nan-at", "5")
+    assert code == 0, err
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert log[5]["skipped"] and log[-1]["skipped_total"] == 1
+    out = setup / "nan_streak"
+    code, err = run(setup, out, "--debug-nan-at", "5,6,7")
+    assert code == 4
+    assert "3 non-finite steps in a row" in err and "iter_000000004" in err
+    assert (out / "checkpoints/latest_checkpoint.txt").read_text().strip() == "iter_000000004.pt"
+    assert not (out / "final.json").exists()
+
+
+def test_sigusr1_saves_and_exits_3_then_resumes(setup, reference):
+    out = setup / "signalled"
+    p = launch(setup, out)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        log = out / "train_log.jsonl"
+        if log.exists() and len(log.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGUSR1)  # to launch.py, which passes it to the training processes
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 3, err
+    assert "stopped by a signal" in err
+    code, err = run(setup, out)
+    assert code == 0, err
+    assert losses(out) == losses(reference)
+
+
+def test_resume_with_another_process_count_is_refused(setup, reference):
+    out = setup / "one_proc"
+    code, _ = run(setup, out, "--iterations", "4", nproc=2)
+    assert code == 0
+    code, err = run(setup, out, nproc=1)
+    assert code == 1 and "exact resume needs the same count" in err
