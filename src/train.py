@@ -291,7 +291,15 @@ def train(args: argparse.Namespace) -> int:
             if json.loads(ln)["step"] < start
         ]
         atomic_write(log_path, lambda p: Path(p).write_text("".join(x + "\n" for x in keep)))
-    bar = tqdm(total=iterations, initial=start, desc="train", unit="it", disable=not d.main, file=sys.stderr)
+    bar = tqdm(
+        total=iterations,
+        initial=start,
+        desc="train",
+        unit="it",
+        disable=not d.main,
+        file=sys.stderr,
+        mininterval=0.5 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s, not every step
+    )
     streak, it, data_iter = 0, start, iter(loader)
     model.train()
     while it < iterations:

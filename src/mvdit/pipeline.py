@@ -5,6 +5,7 @@ Shared by inference and evaluation; the model, tokenizer and text embeddings com
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import numpy as np
@@ -83,7 +84,9 @@ def generate(
     )
     noise = torch.randn(gt_latent.shape, generator=torch.Generator().manual_seed(seed)).to(dev, dtype)
     sigmas = karras_sigmas(steps).to(dev)
-    bar = tqdm(total=steps, desc="sampling", unit="step", disable=not progress)
+    bar = tqdm(
+        total=steps, desc="sampling", unit="step", disable=not progress, mininterval=0.5 if sys.stderr.isatty() else 10
+    )
 
     def step(x: Tensor, sigma: Tensor):
         r = inference_x0(net, x, sigma, cond, guidance, compat)
