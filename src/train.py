@@ -283,6 +283,15 @@ def train(args: argparse.Namespace) -> int:
     loss_cfg = LossConfig(text_dropout=t["text_dropout"], max_cond_frames=t["max_cond_frames"])
     nan_at = {int(s) for s in args.debug_nan_at.split(",") if s}
 
+    writer = None
+    if t["tensorboard"] and d.main:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise TrainError(
+                "train.tensorboard is on but the tensorboard package is missing: pip install tensorboard"
+            ) from e
+        writer = SummaryWriter(str(out / "tensorboard"), purge_step=start)
     log_path = out / "train_log.jsonl"
     if d.main:
         keep = [
@@ -360,6 +369,9 @@ def train(args: argparse.Namespace) -> int:
             }
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
+            if writer is not None:
+                for key in ("loss", "edm_loss", "mse_loss", "logvar", "grad_norm", "lr", "samples_per_s"):
+                    writer.add_scalar(f"train/{key}", rec[key], rec["step"])
             bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}")
             bar.update(1)
         if streak >= t["max_nonfinite_streak"]:
@@ -397,6 +409,8 @@ def train(args: argparse.Namespace) -> int:
                 )
             return EXIT_STOPPED
     bar.close()
+    if writer is not None:
+        writer.close()
     if d.main:
         stem = ckpt_dir / ckpt_name(iterations)
         write_json(

@@ -197,3 +197,63 @@ def test_resume_with_another_process_count_is_refused(setup, reference):
     assert code == 0
     code, err = run(setup, out, nproc=1)
     assert code == 1 and "exact resume needs the same count" in err
+
+
+def test_activation_checkpointing_and_hybrid_sharding_train_the_same_model(setup, reference):
+    """Recomputing activations changes nothing; HSDP (2 replicas x 1 shard) matches FSDP up to reduction order."""
+    exp = yaml.safe_load((setup / "exp.yaml").read_text())
+    for name, change in (
+        ("ac", {"activation_checkpointing": "full"}),
+        ("hsdp", {"sharding": "hybrid", "shard_group_size": 1}),
+    ):
+        e = dict(exp, train=exp["train"] | change)
+        (setup / f"{name}.yaml").write_text(yaml.safe_dump(e))
+        out = setup / name
+        cmd = [
+            sys.executable,
+            SRC / "launch.py",
+            "--nproc",
+            "2",
+            "--",
+            SRC / "train.py",
+            "--experiment",
+            setup / f"{name}.yaml",
+            "--data-manifest",
+            setup / "data/manifest.json",
+            "--out-dir",
+            out,
+            "--tokenizer-dir",
+            setup / "tokenizer",
+            "--iterations",
+            "4",
+        ]
+        r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=240)
+        assert r.returncode == 0, r.stderr[-2000:]
+        ref = losses(reference)[:4]
+        if name == "ac":
+            assert losses(out) == ref
+        else:
+            assert losses(out) == pytest.approx(ref, rel=1e-4)
+
+
+def test_tensorboard_logging_is_optional(setup):
+    pytest.importorskip("tensorboard")
+    exp = yaml.safe_load((setup / "exp.yaml").read_text())
+    (setup / "tb.yaml").write_text(yaml.safe_dump(dict(exp, train=exp["train"] | {"tensorboard": True})))
+    cmd = [
+        sys.executable,
+        SRC / "train.py",
+        "--experiment",
+        setup / "tb.yaml",
+        "--data-manifest",
+        setup / "data/manifest.json",
+        "--out-dir",
+        setup / "tb",
+        "--tokenizer-dir",
+        setup / "tokenizer",
+        "--iterations",
+        "2",
+    ]
+    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert list((setup / "tb" / "tensorboard").glob("events.out.tfevents.*"))
