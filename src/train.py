@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
+from torch.distributed.checkpoint.api import CheckpointException
 from tqdm import tqdm
 
 from mvdit.checkpoint import CheckpointError, atomic_write, build_model, load_model, save_state_dict, write_json
@@ -88,8 +89,19 @@ def read_latest(ckpt_dir: Path) -> int | None:
     return it
 
 
+def all_ok(ok: bool, device) -> bool:
+    """True on every rank only if `ok` is true on every rank (so all ranks take the same branch)."""
+    flag = torch.tensor([1 if ok else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def save_checkpoint(ckpt_dir: Path, it: int, model, ema, optim, sched, gen, extra: dict, d, kill_in_save=False):
-    """Write one checkpoint; latest_checkpoint.txt moves only after every file is complete (all atomic)."""
+    """Write one checkpoint; latest_checkpoint.txt moves only after every file is complete (all atomic).
+
+    A failed write on any rank (e.g. a full disk) raises TrainError on every rank, leaving the previous checkpoint
+    as the latest one.
+    """
     stem = ckpt_dir / ckpt_name(it)
     reg_sd, ema_sd = full_state_dict(model), full_state_dict(ema)
     state = sharded_state(model, ema, optim)
@@ -97,28 +109,42 @@ def save_checkpoint(ckpt_dir: Path, it: int, model, ema, optim, sched, gen, extr
     if d.main:
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
-    dcp.save(state, checkpoint_id=str(tmp))
-    if kill_in_save:
-        os.kill(os.getpid(), signal.SIGKILL)  # fault injection: die with a half-written checkpoint
-    rng = {"generator": gen.get_state(), "cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    atomic_write(
-        f"{stem}_rng_rank{d.rank}.safetensors", lambda p: save_safetensors(rng, p, metadata={"iteration": str(it)})
-    )
-    dist.barrier()
-    if d.main:
-        final = ckpt_dir / f"{stem.name}_train_state"
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        save_state_dict(f"{stem}_reg_model.pt", reg_sd, dtype=torch.bfloat16)
-        save_state_dict(f"{stem}_ema_model.pt", ema_sd, dtype=torch.float32)
-        atomic_write(f"{stem}.pt", lambda p: torch.save({"iteration": it}, p))
-        write_json(
-            f"{stem}_trainer.json", extra | {"iteration": it, "world_size": d.world, "scheduler": sched.state_dict()}
+    error = ""
+    try:
+        dcp.save(state, checkpoint_id=str(tmp))
+        if kill_in_save:
+            os.kill(os.getpid(), signal.SIGKILL)  # fault injection: die with a half-written checkpoint
+        rng = {"generator": gen.get_state(), "cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        meta = {"iteration": str(it)}
+        atomic_write(f"{stem}_rng_rank{d.rank}.safetensors", lambda p: save_safetensors(rng, p, metadata=meta))
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's wrapper is a BaseException; any failure aborts
+        error = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    if all_ok(not error, d.device) and d.main:
+        try:
+            final = ckpt_dir / f"{stem.name}_train_state"
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            save_state_dict(f"{stem}_reg_model.pt", reg_sd, dtype=torch.bfloat16)
+            save_state_dict(f"{stem}_ema_model.pt", ema_sd, dtype=torch.float32)
+            atomic_write(f"{stem}.pt", lambda p: torch.save({"iteration": it}, p))
+            trainer = extra | {"iteration": it, "world_size": d.world, "scheduler": sched.state_dict()}
+            write_json(f"{stem}_trainer.json", trainer)
+            atomic_write(ckpt_dir / "latest_checkpoint.txt", lambda p: Path(p).write_text(f"{stem.name}.pt\n"))
+        except OSError as e:
+            error = f"{e.strerror or e} ({e.filename or stem})"
+    if not all_ok(not error, d.device):
+        if d.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        last = read_latest(ckpt_dir)
+        kept = f"{ckpt_dir / ckpt_name(last)} is still the latest checkpoint" if last else "no checkpoint was kept"
+        free = shutil.disk_usage(ckpt_dir).free / 2**20
+        raise TrainError(
+            f"could not write checkpoint {stem.name} in {ckpt_dir} ({free:.0f} MiB free there): "
+            f"{error or 'failed on another rank'}; {kept}; "
+            "free disk space (or lower train.keep_checkpoints) and rerun to resume"
         )
-        atomic_write(ckpt_dir / "latest_checkpoint.txt", lambda p: Path(p).write_text(f"{stem.name}.pt\n"))
-    dist.barrier()
 
 
 def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:

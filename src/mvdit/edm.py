@@ -95,7 +95,7 @@ def run_net(net: nn.Module, x: Tensor, sigma: Tensor, cond: Condition):
     _, _, c_in, c_noise = edm_scalings(sigma)
     b = x.shape[0]
     return net(
-        x=x * bcast(c_in, x),
+        x=(x * bcast(c_in, x)).to(x.dtype),  # fp32 scalings must not promote a bf16 latent
         timesteps=c_noise.reshape(-1).expand(b) if c_noise.numel() == 1 else c_noise.reshape(b),
         crossattn_emb=cond.crossattn_emb,
         condition_video_input_mask=cond.input_mask,
