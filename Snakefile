@@ -15,8 +15,12 @@ from mvdit.experiment import ExperimentError, SCHEMA_PATH
 from mvdit.experiment import validate as validate_experiment
 from mvdit.experiment import dit_dir, post_trained_dir, t5_dir, tokenizer_dir
 from mvdit.prompts import PromptSetError, load_prompt_sets
+from mvdit.stale_locks import clear_stale_locks
 
 min_version("9.0")
+
+if clear_stale_locks(Path.cwd()):
+    print("note: removed locks left by a killed snakemake run of this workflow", file=sys.stderr)
 
 
 # The default experiment, unless --configfile names one (then the default is not merged underneath it).
@@ -26,7 +30,8 @@ if not workflow.config_settings.configfiles:
 
 
 try:
-    validate_experiment(config, "experiment config")  # one-line errors naming the key
+    _source = workflow.config_settings.configfiles or [BASE / "experiments" / "tiny_demo.yaml"]
+    validate_experiment(config, str(_source[-1]))  # one-line errors naming the file and key
 except ExperimentError as e:
     sys.exit(f"error: {e}")
 validate(config, str(SCHEMA_PATH))  # the same schema through Snakemake (defaults already filled)
@@ -45,8 +50,9 @@ if not Path(RESOLVED).exists() or Path(RESOLVED).read_text() != _text:
 T, INF, RES = config["train"], config["infer"], config["resources"]
 DIT, TOK, T5 = str(dit_dir(config)), str(tokenizer_dir(config)), str(t5_dir(config))
 POST = f"{post_trained_dir(config)}/model.pt"
-CKPT_FOR_INFER = POST if INF["checkpoint"] == "post-trained" else f"{DIT}/model.pt"
 MANIFEST = ".mvdit_manifest.json"
+# inference reads the post-trained copy, or the released model.pt that the download rule's manifest vouches for
+CKPT_FOR_INFER = POST if INF["checkpoint"] == "post-trained" else f"{DIT}/{MANIFEST}"
 HAS_EVAL = config["data"]["source"] != "mock" and config["data"]["held_out"] > 0 and T["init"] == "release"
 
 
@@ -75,6 +81,28 @@ SETS = prompt_sets()
 
 def res(stage, key, default):
     return RES.get(stage, {}).get(key, default)
+
+
+def slurm_resources(stage):
+    """Keys only the SLURM executor plugin reads (docs/cluster.md): partition, account and constraint when
+    resources.<stage> sets them (else the profile's default-resources apply); for training also the GPUs, the
+    multi-node `mpi` path and SLURM's pre-timeout signal (SIGURG: launch.py has the training save and exit 3)."""
+    keys = {"partition": "slurm_partition", "account": "slurm_account", "constraint": "constraint"}
+    out = {keys[k]: v for k, v in RES.get(stage, {}).items() if k in keys}
+    if stage != "train":
+        return out
+    nodes, gpus = res("train", "nodes", T["nodes"]), res("train", "gpus", 0)
+    signal = f"--signal=URG@{res('train', 'stop_before_s', min(600, 30 * res('train', 'runtime', 60)))}"
+    if nodes == 1:  # runs inside the plugin's `srun -n1 --gpus=G`, where launch.py starts torchrun
+        return out | {"gpu": gpus, "slurm_extra": signal}
+    # several nodes: the rule runs in the job's batch step and launch.py starts one srun task per node
+    per_node = "--ntasks-per-node=1" + (f" --gpus-per-node={gpus}" if gpus else "")
+    return out | {"mpi": "srun", "tasks": nodes, "slurm_extra": f"{per_node} {signal}"}
+
+
+localrules:
+    download,
+    report,
 
 
 rule all:
@@ -113,6 +141,12 @@ rule prepare_data:
         f"{R}/benchmarks/prepare_data.tsv"
     conda:
         ENV
+    resources:  # a GPU job like inference (T5-11B embeddings)
+        **slurm_resources("infer"),
+        gpu=res("infer", "gpus", 0),
+        cpus_per_task=res("infer", "cpus_per_task", 1),
+        runtime=res("infer", "runtime", 30),
+        mem_mb=res("infer", "mem_mb", 4000),
     params:
         py=PY,
         src=SRC,
@@ -140,9 +174,9 @@ rule train:
         ENV
     threads: T["nproc"]
     resources:
-        gpus=res("train", "gpus", 0),
+        **slurm_resources("train"),
         nodes=res("train", "nodes", T["nodes"]),
-        tasks_per_node=1,
+        cpus_per_task=res("train", "cpus_per_task", T["nproc"]),
         runtime=res("train", "runtime", 60),
         mem_mb=res("train", "mem_mb", 8000),
     params:
@@ -169,6 +203,10 @@ rule copy_ema:
         f"{R}/logs/copy_ema.log",
     conda:
         ENV
+    resources:  # CPU only, but loads the whole model
+        **slurm_resources("infer"),
+        runtime=30,
+        mem_mb=res("infer", "mem_mb", 4000),
     params:
         py=PY,
         src=SRC,
@@ -208,7 +246,9 @@ rule infer:
     conda:
         ENV
     resources:
-        gpus=res("infer", "gpus", 0),
+        **slurm_resources("infer"),
+        gpu=res("infer", "gpus", 0),
+        cpus_per_task=res("infer", "cpus_per_task", 1),
         runtime=res("infer", "runtime", 30),
         mem_mb=res("infer", "mem_mb", 4000),
     params:
@@ -218,12 +258,13 @@ rule infer:
         exp=RESOLVED,
         infer=INF,
         index=lambda w: SETS[w.ps][1],
+        ckpt=lambda w, input: Path(input.checkpoint).with_name("model.pt"),
         out=lambda w, output: Path(output.meta).parent,
         tok=lambda w, input: Path(input.tokenizer).parent,
         t5=lambda w, input: Path(input.t5).parent,
     shell:
         "{params.py} {params.src}/infer.py --experiment {params.exp} --prompt-set {input.prompt_set} --index {params.index}"
-        " --checkpoint {input.checkpoint} --out-dir {params.out} --tokenizer-dir {params.tok} --t5-dir {params.t5}"
+        " --checkpoint {params.ckpt} --out-dir {params.out} --tokenizer-dir {params.tok} --t5-dir {params.t5}"
         " --project-root {params.base}"
         " > {log} 2>&1"
 
@@ -240,6 +281,12 @@ rule evaluate:
         f"{R}/logs/evaluate.log",
     conda:
         ENV
+    resources:  # a GPU job like inference (samples the DiT)
+        **slurm_resources("infer"),
+        gpu=res("infer", "gpus", 0),
+        cpus_per_task=res("infer", "cpus_per_task", 1),
+        runtime=res("infer", "runtime", 30),
+        mem_mb=res("infer", "mem_mb", 4000),
     params:
         py=PY,
         src=SRC,

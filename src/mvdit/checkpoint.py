@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -219,24 +220,23 @@ def _fsync_dir(path: Path) -> None:
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Call write(tmp_path) on a temp file beside `path`, fsync it, then rename over `path`.
 
-    A crash (or a full disk) at any point leaves either the old file or no file, never a partial one.
+    A crash (or a full disk) at any point leaves either the old file or no file, never a partial one. The temp file
+    keeps `path`'s own name inside a private temp folder, so writers that record the file name (torch.save names its
+    zip archive after it) produce identical bytes on every run.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = tmp_dir / path.name
     try:
-        write(tmp)
+        write(str(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkdtemp's private mode must not stick to the result
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def save_state_dict(

@@ -38,7 +38,7 @@ def _with_defaults(validator_cls):
     return jsonschema.validators.extend(validator_cls, {"properties": set_defaults})
 
 
-_Validator = _with_defaults(jsonschema.Draft7Validator)
+_Validator = _with_defaults(jsonschema.Draft202012Validator)
 
 
 def _key(path) -> str:
