@@ -22,7 +22,7 @@ import torch
 from mvdit.checkpoint import CheckpointError, atomic_write, load_model, write_json
 from mvdit.config import get_preset
 from mvdit.experiment import ExperimentError, load_experiment, t5_dir, tokenizer_dir
-from mvdit.pipeline import full_grid_views, generate, latent_frames, pad_condition_video, text_context
+from mvdit.pipeline import compile_blocks, full_grid_views, generate, latent_frames, pad_condition_video, text_context
 from mvdit.prompts import PromptSetError, check_input, load_prompt_sets, read_condition_frames
 from mvdit.text_encoder import EmbeddingCache, T5TextEncoder, TextEncoderLoadError, encoder_identity
 from mvdit.tokenizer import TokenizerLoadError, VideoTokenizer
@@ -121,6 +121,8 @@ def run(args: argparse.Namespace) -> None:
     net_cfg = get_preset(cfg["model"]["preset"], **cfg["model"]["overrides"])
     model, _ = load_model(net_cfg, args.checkpoint, device=dev, dtype=dtype, allow_pickle=cfg["model"]["allow_pickle"])
     model.eval()
+    if inf["compile"]:
+        compile_blocks(model.net)
     ckpt_sha = sha256_of(args.checkpoint)
     timings["load_s"] = time.perf_counter() - t0
 

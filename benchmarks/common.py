@@ -1,0 +1,421 @@
+"""Shared helpers of the benchmarks: FLOP counts, random-weight model builds, timers, SDPA backend switches,
+ceilings and the speed-up variants (monkeypatches of mvdit that a src change would make permanent).
+
+Needs only torch + einops (+ triton for torch.compile on CUDA) and the mvdit package (PYTHONPATH=src).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+H100_PEAK = 989e12  # dense bf16 peak of an H100 SXM, FLOP/s (perf.md)
+DATE = "2026-11-25"
+
+try:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+except ImportError:  # pragma: no cover - very old torch
+    SDPBackend = sdpa_kernel = None
+
+BACKENDS = {
+    "flash": "FLASH_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "math": "MATH",
+}
+
+
+# ----------------------------------------------------------------------------------------------------- FLOPs
+def latent_shape(views: int, frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:
+    """[1, 16, V*T, H/8, W/8] for V views of `frames` pixel frames (causal 8x temporal, 8x spatial tokenizer)."""
+    t = 1 + (frames - 1) // 8
+    return (1, 16, views * t, height // 8, width // 8)
+
+
+def dit_flops(cfg, views: int, frames: int, height: int, width: int, text_len: int) -> dict:
+    """Model FLOPs of one DiT forward (matrix products only; 2 per multiply-add), as perf.md counts them."""
+    _, _, vt, h, w = latent_shape(views, frames, height, width)
+    p = cfg.patch_spatial
+    n = vt * (h // p) * (w // p)  # tokens
+    d = cfg.model_channels
+    hidden = int(d * cfg.mlp_ratio)
+    dc = cfg.crossattn_emb_channels
+    m = views * text_len  # context tokens
+    gemm = 2 * n * d * d * 4  # self-attn q, k, v, out
+    gemm += 2 * n * d * d * 2 + 2 * m * dc * d * 2  # cross-attn q, out; k, v from text
+    gemm += 2 * n * d * hidden * 2  # MLP
+    self_attn = 4 * n * n * d  # QK^T and PV over all tokens jointly
+    cross_attn = 4 * n * text_len * d  # each view's tokens over its own text
+    block = gemm + self_attn + cross_attn
+    embed = 2 * n * cfg.input_planes * p * p * d + 2 * n * d * p * p * cfg.out_channels
+    total = cfg.num_blocks * block + embed
+    return {
+        "tokens": n,
+        "per_block": {"gemm": gemm, "self_attn": self_attn, "cross_attn": cross_attn, "total": block},
+        "forward": total,
+        "forward_gemm": cfg.num_blocks * gemm + embed,
+        "forward_self_attn": cfg.num_blocks * self_attn,
+        "forward_cross_attn": cfg.num_blocks * cross_attn,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- builds
+def init_random_(module: nn.Module, std: float = 0.02) -> None:
+    """Cheap random init on the module's device (values don't change speed): N(0, std) weights, ones for norms,
+    recomputed position buffers, random Fourier features."""
+    from mvdit.network import FourierFeatures, RMSNorm
+    from mvdit.posemb import RopePosition3D
+
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, std)
+        for m in module.modules():
+            if isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+            elif isinstance(m, RopePosition3D):
+                m.reset_buffers()
+            elif isinstance(m, FourierFeatures):
+                m.freqs.normal_().mul_(2 * torch.pi)
+                m.phases.uniform_().mul_(2 * torch.pi)
+
+
+def build_random(cls, cfg, device: str, dtype: torch.dtype) -> nn.Module:
+    """Build `cls(cfg)` on the meta device, materialise it on `device` in `dtype`, randomly initialised."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype if dtype.is_floating_point else old)
+    try:
+        with torch.device("meta"):
+            model = cls(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    model = model.to_empty(device=device).to(dtype)
+    init_random_(model)
+    return model
+
+
+class CastInput(nn.Module):
+    """Feeds the network its input latent in the weights' dtype.
+
+    Workaround for a bug in src: mvdit.edm.run_net computes `x * bcast(c_in, x)` where bcast(c_in) is a fp32
+    [1, 1, 1, 1, 1] tensor, so a bf16 latent is promoted to fp32 and a bf16 network fails in its first Linear
+    ("mat1 and mat2 must have the same dtype"); pipeline.generate cannot run a bf16 model as it stands.
+    """
+
+    def __init__(self, net: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.net = net
+        self.dtype = dtype
+
+    def forward(self, x: Tensor, **kwargs):
+        return self.net(x=x.to(self.dtype), **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------- timing
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, device: str, reps: int = 3, warmup: int = 1) -> list[float]:
+    """Wall times in ms of `fn()`: CUDA events on a GPU, perf_counter on the CPU; warm-up calls not counted."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    out = []
+    for _ in range(reps):
+        if device.startswith("cuda"):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            out.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def mem_reset(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def mem_peak_gib(device: str) -> dict:
+    if not device.startswith("cuda"):
+        return {}
+    return {
+        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+    }
+
+
+def mem_now_gib(device: str) -> float:
+    return torch.cuda.memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+# ---------------------------------------------------------------------------------------------------- SDPA
+@contextlib.contextmanager
+def sdpa_backend(name: str):
+    """'default': torch's own choice; 'cudnn-first': cuDNN, then flash, efficient, math (the proposed src change,
+    safe everywhere); 'cudnn' / 'flash' / 'efficient' / 'math': only that backend."""
+    if name == "default" or sdpa_kernel is None:
+        yield
+        return
+    if name == "cudnn-first":
+        order = [
+            SDPBackend.CUDNN_ATTENTION,
+            SDPBackend.FLASH_ATTENTION,
+            SDPBackend.EFFICIENT_ATTENTION,
+            SDPBackend.MATH,
+        ]
+        with sdpa_kernel(order, set_priority=True):
+            yield
+        return
+    with sdpa_kernel([getattr(SDPBackend, BACKENDS[name])]):
+        yield
+
+
+def sdpa_choice(q: Tensor, k: Tensor, v: Tensor) -> str:
+    """The backend torch picks for these inputs under the current settings (best effort)."""
+    try:
+        i = torch._fused_sdp_choice(q, k, v)
+        names = {-1: "error", 0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}
+        return names.get(int(i), str(i))
+    except Exception as e:  # noqa: BLE001
+        return f"unknown ({type(e).__name__})"
+
+
+# ---------------------------------------------------------------------------------------------------- ceilings
+def ceilings(device: str, dtype: torch.dtype, tokens: int, dim: int, heads: int, backward: bool = False) -> dict:
+    """Measured in the same call as the benchmark: a bf16 GEMM tokens x dim x dim and fused SDPA at `tokens`
+    tokens x heads x head_dim (forward; with backward=True also forward+backward) for each backend."""
+    out: dict = {}
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(tokens, dim, device=device, dtype=dtype, generator=g)
+    w = torch.randn(dim, dim, device=device, dtype=dtype, generator=g)
+    t = time_ms(functools.partial(F.linear, a, w), device, reps=10 if device.startswith("cuda") else 2, warmup=2)
+    flops = 2 * tokens * dim * dim
+    out["gemm"] = {"shape": [tokens, dim, dim], "ms": med(t), "tflops": flops / (med(t) * 1e-3) / 1e12}
+    del a, w
+    hd = dim // heads
+    q, k, v = (torch.randn(1, heads, tokens, hd, device=device, dtype=dtype, generator=g) for _ in range(3))
+    out["sdpa_default_choice"] = sdpa_choice(q, k, v)
+    with sdpa_backend("cudnn-first"):
+        out["sdpa_cudnn_first_choice"] = sdpa_choice(q, k, v)
+    fl = 4 * tokens * tokens * hd * heads
+    names = ["default", "cudnn", "flash"] + (["efficient"] if device.startswith("cuda") else [])
+    for name in names:
+        try:
+            with sdpa_backend(name):
+                t = time_ms(functools.partial(F.scaled_dot_product_attention, q, k, v), device, reps=3, warmup=1)
+            out[f"sdpa_fwd_{name}"] = {"ms": med(t), "tflops": fl / (med(t) * 1e-3) / 1e12}
+        except Exception as e:  # noqa: BLE001 - a backend that can't run here
+            out[f"sdpa_fwd_{name}"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    if backward:
+        qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+        do = torch.randn_like(q)
+
+        def fb():
+            o = F.scaled_dot_product_attention(qg, kg, vg)
+            o.backward(do)
+            qg.grad = kg.grad = vg.grad = None
+
+        for name in ["default", "cudnn", "flash"]:
+            try:
+                with sdpa_backend(name):
+                    t = time_ms(fb, device, reps=3, warmup=1)
+                out[f"sdpa_fwdbwd_{name}"] = {
+                    "ms": med(t),
+                    "tflops_model_3x": 3 * fl / (med(t) * 1e-3) / 1e12,
+                    "tflops_executed_3.5x": 3.5 * fl / (med(t) * 1e-3) / 1e12,
+                }
+            except Exception as e:  # noqa: BLE001
+                out[f"sdpa_fwdbwd_{name}"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        del qg, kg, vg, do
+    out["sdpa_shape"] = [1, heads, tokens, hd]
+    out["sdpa_flops_fwd"] = fl
+    del q, k, v
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return out
+
+
+def best_sdpa_tflops(ceil: dict, key: str = "sdpa_fwd_", field: str = "tflops") -> float:
+    vals = [v[field] for k, v in ceil.items() if k.startswith(key) and isinstance(v, dict) and field in v]
+    return max(vals) if vals else float("nan")
+
+
+# ------------------------------------------------------------------------------------------ fused QK-norm + RoPE
+def _qk_norm_rope(q: Tensor, k: Tensor, wq: Tensor, wk: Tensor, rope: Tensor | None, heads: int):
+    """[B, N, D] projections -> per-head RMSNorm (+ rotate-half RoPE) -> [B, h, N, d], fp32 math as mvdit does."""
+    from mvdit.network import rms_norm
+    from mvdit.posemb import apply_rope
+
+    b, n, d = q.shape
+    m = k.shape[1]
+    q = rms_norm(q.view(b, n, heads, d // heads).transpose(1, 2), wq)
+    k = rms_norm(k.view(b, m, heads, d // heads).transpose(1, 2), wk)
+    if rope is not None:
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+    return q, k
+
+
+_compiled_qk = None
+
+
+@contextlib.contextmanager
+def fused_qk_norm_rope():
+    """Replace Attention.forward with one whose q/k RMSNorm and RoPE run as a torch.compile'd (fused) function."""
+    from einops import rearrange
+
+    from mvdit import network
+
+    global _compiled_qk
+    if _compiled_qk is None:
+        _compiled_qk = torch.compile(_qk_norm_rope, dynamic=False, fullgraph=True)
+    orig = network.Attention.forward
+
+    def forward(self, x, context=None, rope=None, n_groups=1):
+        ctx = x if context is None else context
+        q, k = _compiled_qk(
+            self.to_q[0](x), self.to_k[0](ctx), self.to_q[1].weight, self.to_k[1].weight, rope, self.num_heads
+        )
+        v = self.heads(self.to_v[0](ctx))
+        if n_groups > 1:
+            q, k, v = (rearrange(t, "b h (g n) d -> (b g) h n d", g=n_groups) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        if n_groups > 1:
+            out = rearrange(out, "(b g) h n d -> b h (g n) d", g=n_groups)
+        return self.to_out[0](rearrange(out, "b h n d -> b n (h d)"))
+
+    network.Attention.forward = forward
+    try:
+        yield
+    finally:
+        network.Attention.forward = orig
+
+
+# ---------------------------------------------------------------------------------------------- regional compile
+@contextlib.contextmanager
+def compiled_blocks(net: nn.Module):
+    """torch.compile every Block's forward (regional compilation: one graph shared by all identical blocks)."""
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    blocks = list(net.blocks.values())
+    for blk in blocks:
+        blk.forward = torch.compile(blk.forward, dynamic=False)
+    try:
+        yield
+    finally:
+        for blk in blocks:
+            del blk.forward
+
+
+# ---------------------------------------------------------------------------------------------- CFG batching
+def batch_cfg_condition(cond):
+    """The conditional and unconditional branches as one batch-2 Condition (same inputs, text | uncond text)."""
+    from dataclasses import replace
+
+    def two(t):
+        return None if t is None else torch.cat([t, t])
+
+    u = cond.uncond()
+    return replace(
+        cond,
+        gt_latent=two(cond.gt_latent),
+        indicator=two(cond.indicator),
+        crossattn_emb=torch.cat([cond.crossattn_emb, u.crossattn_emb]),
+        fps=two(cond.fps),
+        padding_mask=two(cond.padding_mask),
+        frame_repeat=two(cond.frame_repeat),
+        augment_noise=two(cond.augment_noise),
+    )
+
+
+def inference_x0_batched(net, x, sigma, cond, guidance, compat="fixed"):
+    """mvdit.edm.inference_x0 with the two guidance forwards run as one batch-2 forward."""
+    from mvdit.edm import augment_condition, edm_scalings, run_net
+
+    active = cond.augment_sigma < float(sigma)
+    m = cond.indicator.to(x.dtype) * float(active)
+    a = torch.as_tensor(cond.augment_sigma, dtype=sigma.dtype)
+    x_in = m * augment_condition(cond.gt_latent, cond.noise(), a, sigma) + (1 - m) * x
+    f_cond, f_uncond = run_net(net, torch.cat([x_in, x_in]), sigma, batch_cfg_condition(cond)).chunk(2)
+    f = f_cond + guidance * (f_cond - f_uncond)
+    c_skip, c_out, _, _ = edm_scalings(sigma)
+    g = cond.gt_latent
+    if compat == "head":
+        pinned = g / c_out - c_skip * x_in
+    elif compat == "fixed":
+        pinned = (g - c_skip * x_in) / c_out
+    else:
+        raise ValueError(f"compat must be 'fixed' or 'head', got {compat!r}")
+    model_output = m * pinned + (1 - m) * f
+    x0 = c_skip * x_in + c_out * model_output
+    return {"x_in": x_in, "F_cond": f_cond, "F_uncond": f_uncond, "model_output": model_output, "x0": x0}
+
+
+@contextlib.contextmanager
+def batched_cfg():
+    from mvdit import pipeline
+
+    orig = pipeline.inference_x0
+    pipeline.inference_x0 = inference_x0_batched
+    try:
+        yield
+    finally:
+        pipeline.inference_x0 = orig
+
+
+# ---------------------------------------------------------------------------------------------------- output
+def env_info(device: str) -> dict:
+    info = {
+        "date": DATE,
+        "run_at_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": device,
+        "hostname": platform.node(),
+    }
+    if device.startswith("cuda"):
+        info["device_name"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+        info["gpu_mem_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
+    else:
+        info["device_name"] = platform.processor() or "cpu"
+    return info
+
+
+def save_json(path: str | None, obj: dict) -> None:
+    if not path:
+        return
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, p)
