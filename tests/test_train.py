@@ -77,6 +77,14 @@ def run(setup, out, *extra, nproc=2, timeout=240):
     return p.returncode, err
 
 
+def wait_for_steps(out, n, timeout=180):
+    """Block until the run in `out` has logged n steps."""
+    deadline = time.time() + timeout
+    log = out / "train_log.jsonl"
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= n):
+        time.sleep(0.05)
+
+
 def losses(out):
     return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
 
@@ -130,12 +138,7 @@ def test_uninterrupted_run_writes_upstream_checkpoints(reference):
 def test_sigkill_at_a_random_step_then_rerun_is_bitwise_identical(setup, reference):
     out = setup / "killed"
     p = launch(setup, out)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        log = out / "train_log.jsonl"
-        if log.exists() and len(log.read_text().splitlines()) >= 6:
-            break
-        time.sleep(0.05)
+    wait_for_steps(out, 6)
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
     assert not (out / "final.json").exists()
@@ -176,12 +179,7 @@ def test_non_finite_step_is_skipped_and_a_streak_stops_the_run(setup):
 def test_sigusr1_saves_and_exits_3_then_resumes(setup, reference):
     out = setup / "signalled"
     p = launch(setup, out)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        log = out / "train_log.jsonl"
-        if log.exists() and len(log.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.05)
+    wait_for_steps(out, 2)
     p.send_signal(signal.SIGUSR1)  # to launch.py, which passes it to the training processes
     _, err = p.communicate(timeout=120)
     assert p.returncode == 3, err
