@@ -31,6 +31,7 @@ from mvdit.checkpoint import CheckpointError, atomic_write, build_model, load_mo
 from mvdit.config import get_preset
 from mvdit.experiment import (
     ExperimentError,
+    camera_indices,
     dit_dir,
     ema_beta,
     ema_gamma,
@@ -306,6 +307,7 @@ def train(args: argparse.Namespace) -> int:
         pixel_chunk_frames=cfg["data"]["num_frames"],
     )
     n_views = len(cfg["data"]["cameras"])
+    view_ids = torch.tensor(camera_indices(cfg), device=d.device)  # each camera keeps its view-embedding row
     loss_cfg = LossConfig(text_dropout=t["text_dropout"], max_cond_frames=t["max_cond_frames"])
     nan_at = {int(s) for s in args.debug_nan_at.split(",") if s}
 
@@ -347,7 +349,7 @@ def train(args: argparse.Namespace) -> int:
         text = batch["t5_text_embeddings"].to(d.device, torch.float32)
         fps = batch["fps"].to(d.device, torch.float32).reshape(-1)
         draws = draw_loss_randomness(x0, loss_cfg, gen)
-        out_loss = training_loss(model, x0, text, draws, n_views, fps=fps)
+        out_loss = training_loss(model, x0, text, draws, n_views, fps=fps, view_indices=view_ids)
         loss = out_loss.loss
         if it in nan_at:
             loss = loss * float("nan")

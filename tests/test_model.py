@@ -199,3 +199,18 @@ def test_bf16_model_samples_in_bf16():
     cams = ["front", "left", "right", "back", "back_left", "back_right"]
     out = generate(model.net, g, text.bfloat16(), cams, 1, steps=2, progress=False)
     assert torch.isfinite(out).all() and out.shape == g.shape
+
+
+def test_a_camera_subset_keeps_each_cameras_view_embedding_row():
+    """A 5-camera rig without `back`: views carry rows [0, 1, 2, 4, 5], so view 3 of the input is back_left."""
+    model = build_model(get_preset("tiny")).eval()
+    x, text = tiny_inputs(5)
+    rows = torch.tensor([0, 1, 2, 4, 5])
+    fr = torch.tensor([[0.0, 0.0, 0.0, 1.0, 1.0]])
+    with torch.no_grad():
+        a = model.net(x, torch.tensor([0.1]), text, n_views=5, view_indices=rows, frame_repeat=fr)
+        b = model.net(x, torch.tensor([0.1]), text, n_views=5, frame_repeat=fr)  # rows 0..4: back's row for view 3
+        c = model.net(x, torch.tensor([0.1]), text, n_views=5, view_indices=rows, frame_repeat=fr)
+    assert torch.equal(a, c) and not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="do not fit"):
+        model.net(x, torch.tensor([0.1]), text, n_views=5, view_indices=torch.tensor([0, 1, 2, 4, 6]))

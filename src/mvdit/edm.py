@@ -76,6 +76,7 @@ class Condition:
     augment_noise: Tensor | None = None  # e of the condition augmentation (zeros if None)
     augment_sigma: float = AUGMENT_SIGMA
     uncond_crossattn_emb: Tensor | None = None  # None: all zeros (the released guidance)
+    view_indices: Tensor | None = None  # [V] view-embedding row of each view present; None: 0..V-1
 
     @property
     def input_mask(self) -> Tensor:
@@ -103,6 +104,7 @@ def run_net(net: nn.Module, x: Tensor, sigma: Tensor, cond: Condition):
         padding_mask=cond.padding_mask,
         frame_repeat=cond.frame_repeat,
         n_views=cond.n_views,
+        view_indices=cond.view_indices,
     )
 
 

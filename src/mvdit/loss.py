@@ -84,6 +84,7 @@ def training_loss(
     padding_mask: Tensor | None = None,
     frame_repeat: Tensor | None = None,
     sigma_data: float = SIGMA_DATA,
+    view_indices: Tensor | None = None,
 ) -> LossOutput:
     """x0 [B, 16, V*T, H, W] clean latent (normalised, x sigma_data); text [B, V*L, Dc] before dropout."""
     b, _, vt, _, _ = x0.shape
@@ -96,7 +97,9 @@ def training_loss(
     xt = x0 + bcast(sigma, x0) * eps
     aug_scaled = augment_condition(x0, draws.aug_noise.to(x0), bcast(aug_sigma, x0), bcast(sigma, x0))
     net_xt = ind * aug_scaled + (1 - ind) * xt
-    cond = Condition(x0, ind, text, n_views, fps=fps, padding_mask=padding_mask, frame_repeat=frame_repeat)
+    cond = Condition(
+        x0, ind, text, n_views, fps=fps, padding_mask=padding_mask, frame_repeat=frame_repeat, view_indices=view_indices
+    )
     c_skip, c_out, c_in, c_noise = edm_scalings(sigma, sigma_data)
     net_out, logvar = run_net(model, net_xt, sigma, cond)  # F and u [B, 1] in one call (the FSDP root)
     net_x0_pred = bcast(c_skip, x0) * net_xt + bcast(c_out, x0) * net_out

@@ -243,14 +243,12 @@ class MultiviewDiT(nn.Module):
                 m.weight.fill_(1.0)
         self.pos_embedder.reset_buffers()
 
-    def view_planes(self, b: int, frame_repeat: Tensor | None, dtype, device) -> Tensor:
-        """[B, V, Dv]: view embedding rows 0..V-1, plus the repeat-frame embedding of frame_repeat [B, V]."""
-        n_views = self.cfg.n_views
-        emb = self.view_embeddings(torch.arange(n_views, device=device)).to(dtype)
-        emb = repeat(emb, "v d -> b v d", b=b)
+    def view_planes(self, b: int, view_indices: Tensor, frame_repeat: Tensor | None, dtype) -> Tensor:
+        """[B, V, Dv]: the view embedding rows of the views present, plus the repeat-frame embedding of frame_repeat."""
+        emb = repeat(self.view_embeddings(view_indices).to(dtype), "v d -> b v d", b=b)
         if self.cfg.add_repeat_frame_embedding:
             if frame_repeat is None:
-                frame_repeat = torch.zeros(b, n_views, device=device, dtype=dtype)
+                frame_repeat = torch.zeros(b, len(view_indices), device=emb.device, dtype=dtype)
             emb = emb + self.repeat_frame_embedding(frame_repeat.to(dtype)[..., None])
         return emb
 
@@ -264,12 +262,14 @@ class MultiviewDiT(nn.Module):
         padding_mask: Tensor | None = None,
         frame_repeat: Tensor | None = None,
         n_views: int | None = None,
+        view_indices: Tensor | None = None,
     ) -> Tensor:
         """x [B, C, V*T, H, W] (c_in-scaled); timesteps [B] = 0.25 ln sigma; crossattn_emb [B, V*L, Dc];
         condition_video_input_mask [B, 1, V*T, H, W]; fps [B]; padding_mask [B, 1, H', W'] at any resolution;
         frame_repeat [B, V] (already divided by 10). Returns F [B, C_out, V*T, H, W].
 
-        n_views defaults to the configured count; fewer views use the first rows of the view embedding.
+        n_views defaults to the configured count. view_indices [V] names the view-embedding row of each view present
+        (a rig with fewer cameras keeps each camera's own row, e.g. [0, 1, 2, 4, 5]); default 0..V-1.
         """
         b, _, vt, h, w = x.shape
         n_views = n_views or self.cfg.n_views
@@ -288,7 +288,11 @@ class MultiviewDiT(nn.Module):
             pm = F.interpolate(padding_mask.to(dtype), size=(h, w), mode="nearest")
             planes.append(repeat(pm, "b c h w -> b c t h w", t=vt))
         x = torch.cat(planes, dim=1)
-        views = self.view_planes(b, frame_repeat, dtype, dev)[:, :n_views]
+        if view_indices is None:
+            view_indices = torch.arange(n_views, device=dev)
+        if len(view_indices) != n_views or int(view_indices.max()) >= self.cfg.n_views:
+            raise ValueError(f"view_indices {view_indices.tolist()} do not fit {n_views} views of {self.cfg.n_views}")
+        views = self.view_planes(b, view_indices.to(dev), frame_repeat, dtype)
         views = repeat(views, "b v d -> b d v t h w", t=t, h=h, w=w)
         x = rearrange(x, "b c (v t) h w -> b c v t h w", v=n_views)
         x = rearrange(torch.cat([x, views], dim=1), "b c v t h w -> b c (v t) h w")

@@ -81,6 +81,7 @@ def generate(
         padding_mask=torch.zeros(1, 1, *gt_latent.shape[-2:], device=dev, dtype=dtype),
         frame_repeat=None if fr is None else fr.to(dev, dtype),
         augment_noise=torch.from_numpy(aug).to(dev, dtype),
+        view_indices=torch.tensor([CAMERAS.index(c) for c in cameras], device=dev),
     )
     noise = torch.randn(gt_latent.shape, generator=torch.Generator().manual_seed(seed)).to(dev, dtype)
     sigmas = karras_sigmas(steps).to(dev)
