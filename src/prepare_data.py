@@ -25,9 +25,14 @@ from mvdit.video_io import VideoReadError
 log = logging.getLogger("prepare_data")
 
 
-def embed_captions(root: Path, cameras: list[str], num_frames: int, t5: Path, cache_dir: Path, device: str) -> int:
-    """Write <root>/t5/<camera>/<clip>.safetensors for every caption that has none yet. Returns how many."""
-    clips = scan_clips(root, cameras, num_frames, require_captions=True, require_t5=False)
+def embed_captions(
+    root: Path, cameras: list[str], num_frames: int, t5: Path, cache_dir: Path, device: str, skipped=None
+) -> int:
+    """Write <root>/t5/<camera>/<clip>.safetensors for every caption that has none yet. Returns how many.
+    With `skipped` (a list), bad clips are left out here; the caller's final scan reports them."""
+    clips = scan_clips(
+        root, cameras, num_frames, require_captions=True, require_t5=False, skipped=None if skipped is None else []
+    )
     todo = [(c, cam) for c in clips for cam in cameras if cam not in c.t5]
     if not todo:
         return 0
@@ -64,15 +69,38 @@ def main(argv=None) -> int:
                 )
             else:
                 root = Path(d["root"])
-            n = embed_captions(
-                root, d["cameras"], d["num_frames"], args.t5_dir or t5_dir(cfg), args.cache_dir, args.device
+            view_map = d.get("view_map")
+            skipped: list[tuple[str, str]] | None = [] if d["skip_bad_clips"] else None
+            if view_map is None:  # our layout: captions -> T5 embeddings (upstream's layout ships its own pickles)
+                t5 = args.t5_dir or t5_dir(cfg)
+                n = embed_captions(root, d["cameras"], d["num_frames"], t5, args.cache_dir, args.device, skipped)
+                log.info("%d new T5 embeddings under %s", n, root / "t5")
+            clips = scan_clips(
+                root,
+                d["cameras"],
+                d["num_frames"],
+                view_map=view_map,
+                require_captions=view_map is None,
+                require_t5=True,
+                skipped=skipped,
             )
-            log.info("%d new T5 embeddings under %s", n, root / "t5")
-            names = [c.name for c in scan_clips(root, d["cameras"], d["num_frames"])]
+            for clip, reason in skipped or []:
+                log.warning("skipped clip %s: %s", clip, reason)
+            if not clips:
+                raise DatasetError(f"no usable clips under {root}; fix the clips listed above")
+            names = [c.name for c in clips]
             n_clips = len(names)
             frac = d["held_out"] / n_clips if n_clips else 0.0
             train, held = HeldOutSplit(fraction=frac, seed=d["seed"], min_held_out=min(d["held_out"], 1)).split(names)
-            manifest |= {"root": str(root), "train": train, "held_out": held}
+            manifest |= {
+                "root": str(root),
+                "train": train,
+                "held_out": held,
+                "view_map": view_map,
+                "allow_pickle": d["allow_pickle"],
+                "window_stride": d.get("window_stride"),
+                "skipped": [{"clip": c, "reason": r} for c, r in skipped or []],
+            }
         write_json(args.out_dir / "manifest.json", manifest)
     except (ExperimentError, DatasetError, VideoReadError, TextEncoderLoadError) as e:
         print(f"prepare_data.py: {e}", file=sys.stderr)

@@ -94,11 +94,13 @@ def scan_clips(
     view_map: Mapping[str, str] | None = None,
     require_captions: bool = True,
     require_t5: bool = False,
+    skipped: list[tuple[str, str]] | None = None,
 ) -> list[ClipInfo]:
     """Find and validate every clip under `root` (layouts: module docstring) -> ClipInfo list sorted by name.
 
-    Raises DatasetError (one line naming the file and the fix) for a missing camera video, a video shorter than
-    num_frames or unreadable, a missing or empty caption (if required), a missing embedding (if required).
+    Raises DatasetError (one line naming the file and the fix) for a missing camera video, views of different
+    lengths, a video shorter than num_frames or unreadable, a missing or empty caption (if required), a missing
+    embedding (if required). With `skipped` (a list), bad clips are left out and (clip, reason) appended instead.
     """
     root = Path(root)
     folders = _folders(cameras, view_map)
@@ -119,19 +121,18 @@ def scan_clips(
             return e
 
     videos = {n: {c: root / "videos" / folders[c] / f"{n}.mp4" for c in cameras} for n in sorted(names)}
-    for n, per_cam in videos.items():
+    # ffmpeg runs in subprocesses, so threads overlap the probes.
+    paths = [p for per_cam in videos.values() for p in per_cam.values() if p.is_file()]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        infos = dict(zip(paths, pool.map(probe, paths), strict=True))
+
+    def check(n: str, per_cam: dict[str, Path]) -> ClipInfo:
         for cam, path in per_cam.items():
             if not path.is_file():
                 raise DatasetError(
                     f"clip {n!r} lacks camera {cam!r}: {path} is missing; fix: add it or remove the clip's "
                     f"other camera files"
                 )
-    # ffmpeg runs in subprocesses, so threads overlap the probes.
-    paths = [p for per_cam in videos.values() for p in per_cam.values()]
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        infos = dict(zip(paths, pool.map(probe, paths), strict=True))
-    clips = []
-    for n, per_cam in videos.items():
         for path in per_cam.values():
             info = infos[path]
             if isinstance(info, VideoReadError):
@@ -141,6 +142,12 @@ def scan_clips(
                     f"{path} has {info.n_frames} frames but num_frames={num_frames} are required; "
                     f"fix: drop the clip or lower num_frames"
                 )
+        lengths = {cam: infos[p].n_frames for cam, p in per_cam.items()}
+        if len(set(lengths.values())) > 1:
+            raise DatasetError(
+                f"clip {n!r}: its views differ in length ({lengths}); fix: trim every camera of "
+                f"{root / 'videos'}/*/{n}.mp4 to the same frames"
+            )
         captions = {}
         for cam in cameras:
             cpath, text = read_caption(root, folders[cam], n)
@@ -163,18 +170,25 @@ def scan_clips(
                     f"clip {n!r} lacks the text embedding {tpath}; fix: run the T5 embedding rule on the captions"
                 )
         first = infos[per_cam[cameras[0]]]
-        clips.append(
-            ClipInfo(
-                name=n,
-                videos=dict(per_cam),
-                captions=captions,
-                t5=t5,
-                n_frames=min(infos[p].n_frames for p in per_cam.values()),
-                fps=first.fps if first.fps > 0 else DEFAULT_FPS,
-                height=first.height,
-                width=first.width,
-            )
+        return ClipInfo(
+            name=n,
+            videos=dict(per_cam),
+            captions=captions,
+            t5=t5,
+            n_frames=min(lengths.values()),
+            fps=first.fps if first.fps > 0 else DEFAULT_FPS,
+            height=first.height,
+            width=first.width,
         )
+
+    clips = []
+    for n, per_cam in videos.items():
+        try:
+            clips.append(check(n, per_cam))
+        except DatasetError as e:
+            if skipped is None:
+                raise
+            skipped.append((n, str(e)))
     return clips
 
 

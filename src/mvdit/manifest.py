@@ -50,7 +50,7 @@ def dataset_from_manifest(path: str | Path, split: str = "train", cache_items: b
             text_len=m["text_len"],
             seed=m["seed"],
         )
-    return MultiviewClipDataset(
+    ds = MultiviewClipDataset(
         m["root"],
         cameras=m.get("cameras", CAMERAS),
         num_frames=m["num_frames"],
@@ -58,4 +58,8 @@ def dataset_from_manifest(path: str | Path, split: str = "train", cache_items: b
         width=m["width"],
         text_len=m["text_len"],
         clips=m[split],
+        view_map=m.get("view_map"),
+        allow_pickle=m.get("allow_pickle", False),
+        window_stride=m.get("window_stride"),
     )
+    return CachedDataset(ds) if cache_items else ds
