@@ -20,14 +20,10 @@ from mvdit.config import get_preset
 from mvdit.data import DatasetError
 from mvdit.experiment import ExperimentError, load_experiment, tokenizer_dir
 from mvdit.manifest import dataset_from_manifest
+from mvdit.metrics import cross_view_consistency, psnr, ssim, temporal_consistency
 from mvdit.pipeline import generate
 from mvdit.tokenizer import VideoTokenizer
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of uint8-range frames given as [-1, 1] floats (peak-to-peak 2)."""
-    mse = float(((a.float().clamp(-1, 1) - b.float().clamp(-1, 1)) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)
+from mvdit.video_io import from_model_pixels
 
 
 def main(argv=None) -> int:
@@ -79,6 +75,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     n_samples = inf["eval_samples"] if args.samples is None else args.samples
     keys = [*models, *(f"{m}_single_sample" for m in models), "copy_last_frame", "tokenizer_ceiling"]
     scores: dict[str, list[float]] = {k: [] for k in keys}
+    # single-sample video metrics: SSIM of the predicted frames, temporal and cross-view consistency
+    extra = {m: {"ssim": [], "temporal_consistency": [], "cross_view_matches": []} for m in [*models, "ground_truth"]}
     for i in range(n_clips):
         item = dataset[i]
         video = item["video"].float().to(dev) / 128.0 - 1  # inference normalisation, [3, V*F, H, W]
@@ -114,6 +112,15 @@ def evaluate(args: argparse.Namespace) -> dict:
                     sample = tok.decode_views(latent, len(cameras))[0].reshape(views.shape).clamp(-1, 1)
                 if k == 0:
                     scores[f"{name}_single_sample"].append(psnr(sample[:, :, n_in:], target))
+                    video = {c: from_model_pixels(sample[:, v]) for v, c in enumerate(cameras)}
+                    truth = {c: from_model_pixels(views[:, v]) for v, c in enumerate(cameras)}
+                    extra[name]["ssim"].append(ssim(sample[:, :, n_in:], target))
+                    extra[name]["temporal_consistency"].append(
+                        float(np.mean([temporal_consistency(video[c], truth[c]) for c in cameras]))
+                    )
+                    extra[name]["cross_view_matches"].append(cross_view_consistency(video))
+                    if name == "post_trained":
+                        extra["ground_truth"]["cross_view_matches"].append(cross_view_consistency(truth))
                 pix = pix + sample / n_samples
             scores[name].append(psnr(pix[:, :, n_in:], target))
     return {
@@ -124,6 +131,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         "steps": inf["steps"],
         "psnr_db": {k: float(np.mean(v)) for k, v in scores.items()},
         "psnr_db_per_clip": scores,
+        "single_sample_metrics": {m: {k: float(np.mean(v)) for k, v in d.items() if v} for m, d in extra.items()},
         "beats_baselines": bool(
             np.mean(scores["post_trained"]) > max(np.mean(scores["untrained"]), np.mean(scores["copy_last_frame"]))
         ),
