@@ -159,6 +159,7 @@ def run(args: argparse.Namespace) -> None:
             compat=settings["compat"],
             fps=settings["fps"],
             frame_repeat=settings["frame_repeat"],
+            batch_guidance=inf["batch_guidance"],
         )
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)

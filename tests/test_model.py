@@ -214,3 +214,16 @@ def test_a_camera_subset_keeps_each_cameras_view_embedding_row():
     assert torch.equal(a, c) and not torch.allclose(a, b)
     with pytest.raises(ValueError, match="do not fit"):
         model.net(x, torch.tensor([0.1]), text, n_views=5, view_indices=torch.tensor([0, 1, 2, 4, 6]))
+
+
+def test_batched_guidance_equals_two_forwards():
+    from mvdit.pipeline import generate
+
+    model = build_model(get_preset("tiny")).eval()
+    v, t = 6, 2
+    _, text = tiny_inputs(v, t)
+    g = torch.randn(1, 16, v * t, 4, 6) * 0.5
+    cams = ["front", "left", "right", "back", "back_left", "back_right"]
+    two = generate(model.net, g, text, cams, 1, steps=3, progress=False)
+    one = generate(model.net, g, text, cams, 1, steps=3, progress=False, batch_guidance=True)
+    assert torch.allclose(one, two, atol=1e-4, rtol=1e-4)

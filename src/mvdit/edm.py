@@ -87,6 +87,23 @@ class Condition:
         text = self.uncond_crossattn_emb
         return replace(self, crossattn_emb=torch.zeros_like(self.crossattn_emb) if text is None else text)
 
+    def both_branches(self) -> Condition:
+        """The conditional and unconditional branch stacked as a batch of two (for one batched forward)."""
+
+        def two(t: Tensor | None) -> Tensor | None:
+            return None if t is None else torch.cat([t, t])
+
+        u = self.uncond()
+        return replace(
+            self,
+            gt_latent=two(self.gt_latent),
+            indicator=two(self.indicator),
+            crossattn_emb=torch.cat([self.crossattn_emb, u.crossattn_emb]),
+            fps=two(self.fps),
+            padding_mask=two(self.padding_mask),
+            frame_repeat=two(self.frame_repeat),
+        )
+
     def noise(self) -> Tensor:
         return torch.zeros_like(self.gt_latent) if self.augment_noise is None else self.augment_noise
 
@@ -143,20 +160,30 @@ def guided_train_x0(net: nn.Module, x: Tensor, sigma: Tensor, cond: Condition, g
 
 
 def inference_x0(
-    net: nn.Module, x: Tensor, sigma: Tensor, cond: Condition, guidance: float, compat: str = "fixed"
+    net: nn.Module,
+    x: Tensor,
+    sigma: Tensor,
+    cond: Condition,
+    guidance: float,
+    compat: str = "fixed",
+    batch_guidance: bool = False,
 ) -> dict[str, Tensor]:
     """One step of the released pipeline before its Euler update (upstream MV2W + diffusers EDMEulerScheduler).
 
     While augment_sigma < sigma, the conditioned frames of the state are replaced by the augmented condition latent
     and the guided network output is replaced there so that x0 = g ("fixed"; "head" keeps the release's inverted
     formula, whose x0 there is g + c_skip (1 - c_out) x_in). Returns x_in, F_cond, F_uncond, model_output and x0.
+    batch_guidance runs both guidance branches as one batch-2 forward (upstream: two calls; same result).
     """
     active = cond.augment_sigma < float(sigma)
     m = cond.indicator.to(x.dtype) * float(active)
     a = torch.as_tensor(cond.augment_sigma, dtype=sigma.dtype)
     x_in = m * augment_condition(cond.gt_latent, cond.noise(), a, sigma) + (1 - m) * x
-    f_cond = run_net(net, x_in, sigma, cond)
-    f_uncond = run_net(net, x_in, sigma, cond.uncond())
+    if batch_guidance:
+        f_cond, f_uncond = run_net(net, torch.cat([x_in, x_in]), sigma, cond.both_branches()).chunk(2)
+    else:
+        f_cond = run_net(net, x_in, sigma, cond)
+        f_uncond = run_net(net, x_in, sigma, cond.uncond())
     f = f_cond + guidance * (f_cond - f_uncond)
     c_skip, c_out, _, _ = edm_scalings(sigma)
     g = cond.gt_latent

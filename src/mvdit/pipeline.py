@@ -58,6 +58,7 @@ def generate(
     compat: str = "fixed",
     fps: float = 24.0,
     frame_repeat: float = 10.0,
+    batch_guidance: bool = False,
     progress: bool = True,
     step_callback: Callable[[int], None] | None = None,
 ) -> Tensor:
@@ -90,7 +91,7 @@ def generate(
     )
 
     def step(x: Tensor, sigma: Tensor):
-        r = inference_x0(net, x, sigma, cond, guidance, compat)
+        r = inference_x0(net, x, sigma, cond, guidance, compat, batch_guidance)
         return r["x_in"], r["x0"]
 
     def done(i: int, _state: dict) -> None:
