@@ -319,6 +319,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> LoraSettings:
     equal the model's, and its tensor names and shapes must be exactly the model's adapters."""
     sd, s, _ = read_adapter(path)
     own = settings_of(model)
+    if any(hasattr(p, "device_mesh") for p in lora_parameters(model)):
+        raise LoraError("load_adapter needs an unsharded model: load the adapter before mvdit.parallel.parallelize")
     if s != own:
         diff = [
             f"{k} {v!r} in the file vs {own.to_dict()[k]!r}" for k, v in s.to_dict().items() if own.to_dict()[k] != v
