@@ -22,6 +22,7 @@ import torch
 from mvdit.checkpoint import CheckpointError, atomic_write, load_model, write_json
 from mvdit.config import get_preset
 from mvdit.experiment import ExperimentError, load_experiment, t5_dir, tokenizer_dir
+from mvdit.lora import LoraError, load_model_with_adapter
 from mvdit.pipeline import compile_blocks, full_grid_views, generate, latent_frames, pad_condition_video, text_context
 from mvdit.prompts import PromptSetError, check_input, load_prompt_sets, read_condition_frames
 from mvdit.text_encoder import EmbeddingCache, T5TextEncoder, TextEncoderLoadError, encoder_identity
@@ -59,12 +60,14 @@ def main(argv=None) -> int:
     ap.add_argument("--project-root", type=Path, default=Path.cwd(), help="relative prompt-set paths resolve here")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=None, help="override the number of sampling steps")
+    ap.add_argument("--adapter", type=Path, default=None, help="LoRA adapter (safetensors) applied to --checkpoint")
     ap.add_argument("--index", type=int, default=None, help="run only this set of a multi-set (JSONL) file")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
     try:
         run(args)
     except (
+        LoraError,
         ExperimentError,
         PromptSetError,
         CheckpointError,
@@ -119,7 +122,14 @@ def run(args: argparse.Namespace) -> None:
         args.tokenizer_dir or tokenizer_dir(cfg), device=dev, dtype=dtype, pixel_chunk_frames=d["num_frames"]
     )
     net_cfg = get_preset(cfg["model"]["preset"], **cfg["model"]["overrides"])
-    model, _ = load_model(net_cfg, args.checkpoint, device=dev, dtype=dtype, allow_pickle=cfg["model"]["allow_pickle"])
+    if args.adapter is not None:  # base + LoRA adapter, not merged
+        model = load_model_with_adapter(
+            net_cfg, args.checkpoint, args.adapter, device=dev, dtype=dtype, allow_pickle=cfg["model"]["allow_pickle"]
+        )
+    else:
+        model, _ = load_model(
+            net_cfg, args.checkpoint, device=dev, dtype=dtype, allow_pickle=cfg["model"]["allow_pickle"]
+        )
     model.eval()
     if inf["compile"]:
         compile_blocks(model.net)
@@ -185,6 +195,8 @@ def run(args: argparse.Namespace) -> None:
             "model_preset": cfg["model"]["preset"],
             "checkpoint": str(args.checkpoint),
             "checkpoint_sha256": ckpt_sha,
+            "adapter": str(args.adapter) if args.adapter else None,
+            "adapter_sha256": sha256_of(args.adapter) if args.adapter else None,
             "device": str(dev),
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
             "dtype": str(dtype),

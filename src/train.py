@@ -25,6 +25,13 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from tqdm import tqdm
 
 from mvdit.checkpoint import CheckpointError, atomic_write, build_model, load_model, save_state_dict, write_json
@@ -39,10 +46,28 @@ from mvdit.experiment import (
     lr_multiplier,
     tokenizer_dir,
 )
+from mvdit.lora import (
+    AdapterEma,
+    LoraSettings,
+    adapter_state_dict,
+    add_lora,
+    is_lora_key,
+    lora_init_state_dict,
+    lora_parameters,
+    merge_state_dict,
+    save_adapter,
+)
 from mvdit.loss import LossConfig, draw_loss_randomness, training_loss
 from mvdit.manifest import dataset_from_manifest
 from mvdit.network import DiffusionModel
-from mvdit.parallel import broadcast_full_state, full_state_dict, init_distributed, parallelize, sharded_state
+from mvdit.parallel import (
+    broadcast_full_state,
+    full_state_dict,
+    init_distributed,
+    load_sharded_state,
+    parallelize,
+    sharded_state,
+)
 from mvdit.tokenizer import VideoTokenizer
 
 log = logging.getLogger("train")
@@ -97,15 +122,37 @@ def all_ok(ok: bool, device) -> bool:
     return bool(flag.item())
 
 
-def save_checkpoint(ckpt_dir: Path, it: int, model, ema, optim, sched, gen, extra: dict, d, kill_in_save=False):
+def lora_train_state(model, ema: AdapterEma, optim) -> dict:
+    """The sharded LoRA training state for DCP: adapters, their EMA and optimizer (the frozen base is not saved)."""
+    adapters = {k: v for k, v in get_model_state_dict(model).items() if is_lora_key(k)}
+    return {"model": adapters, "ema": ema.state_dict(), "optim": get_optimizer_state_dict(model, optim)}
+
+
+def save_checkpoint(
+    ckpt_dir: Path, it: int, model, ema, optim, sched, gen, extra: dict, d, kill_in_save=False, lora=None, final=False
+):
     """Write one checkpoint; latest_checkpoint.txt moves only after every file is complete (all atomic).
 
+    Full post-training writes upstream's reg (bf16) and EMA (fp32) model files; LoRA writes adapter-only safetensors
+    (reg and EMA) and, at the final iteration, the merged EMA model where copy_ema and inference expect it.
     A failed write on any rank (e.g. a full disk) raises TrainError on every rank, leaving the previous checkpoint
     as the latest one.
     """
     stem = ckpt_dir / ckpt_name(it)
-    reg_sd, ema_sd = full_state_dict(model), full_state_dict(ema)
-    state = sharded_state(model, ema, optim)
+    if lora is None:
+        files = {
+            "_reg_model.pt": (full_state_dict(model), torch.bfloat16),
+            "_ema_model.pt": (full_state_dict(ema), None),
+        }
+        state = sharded_state(model, ema, optim)
+    else:
+        ema_ad = ema.adapter_state_dict()
+        files = {"_reg_adapter.safetensors": adapter_state_dict(model), "_ema_adapter.safetensors": ema_ad}
+        if final:
+            base = full_state_dict(model)
+            if d.main:
+                files["_ema_model.pt"] = (merge_state_dict(base, lora, adapters=ema_ad), torch.float32)
+        state = lora_train_state(model, ema, optim)
     tmp = ckpt_dir / f".{stem.name}_train_state.tmp"
     if d.main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -127,8 +174,11 @@ def save_checkpoint(ckpt_dir: Path, it: int, model, ema, optim, sched, gen, extr
             final = ckpt_dir / f"{stem.name}_train_state"
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            save_state_dict(f"{stem}_reg_model.pt", reg_sd, dtype=torch.bfloat16)
-            save_state_dict(f"{stem}_ema_model.pt", ema_sd, dtype=torch.float32)
+            for suffix, content in files.items():
+                if suffix.endswith(".safetensors"):
+                    save_adapter(f"{stem}{suffix}", content, lora, {"iteration": str(it)})
+                else:
+                    save_state_dict(f"{stem}{suffix}", content[0], dtype=content[1] or torch.float32)
             atomic_write(f"{stem}.pt", lambda p: torch.save({"iteration": it}, p))
             trainer = extra | {"iteration": it, "world_size": d.world, "scheduler": sched.state_dict()}
             write_json(f"{stem}_trainer.json", trainer)
@@ -155,7 +205,7 @@ def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
-def load_checkpoint(ckpt_dir: Path, it: int, model, ema, optim, sched, gen, d) -> dict:
+def load_checkpoint(ckpt_dir: Path, it: int, model, ema, optim, sched, gen, d, lora=None) -> dict:
     stem = ckpt_dir / ckpt_name(it)
     meta = json.loads(Path(f"{stem}_trainer.json").read_text())
     if meta["world_size"] != d.world:
@@ -163,11 +213,16 @@ def load_checkpoint(ckpt_dir: Path, it: int, model, ema, optim, sched, gen, d) -
             f"{stem}_trainer.json was written by {meta['world_size']} processes, this run has {d.world}: "
             "exact resume needs the same count (set train.nproc/nodes back, or use a new experiment name)"
         )
-    state = sharded_state(model, ema, optim)
-    dcp.load(state, checkpoint_id=f"{stem}_train_state")
-    from mvdit.parallel import load_sharded_state
-
-    load_sharded_state(model, ema, optim, state)
+    if lora is None:
+        state = sharded_state(model, ema, optim)
+        dcp.load(state, checkpoint_id=f"{stem}_train_state")
+        load_sharded_state(model, ema, optim, state)
+    else:  # the frozen base comes from the initial checkpoint; adapters, their EMA and optimizer from DCP
+        state = lora_train_state(model, ema, optim)
+        dcp.load(state, checkpoint_id=f"{stem}_train_state")
+        set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
+        ema.load_state_dict(state["ema"])
+        set_optimizer_state_dict(model, optim, state["optim"])
     sched.load_state_dict(meta["scheduler"])
     rng = load_safetensors(f"{stem}_rng_rank{d.rank}.safetensors")
     gen.set_state(rng["generator"])
@@ -196,10 +251,12 @@ def initial_state_dict(cfg: dict, init_path: Path | None) -> dict:
     return model.state_dict()
 
 
-def sharded_model(cfg: dict, d, full_sd: dict | None, param_dtype, ac: bool) -> DiffusionModel:
+def sharded_model(cfg: dict, d, full_sd: dict | None, param_dtype, ac: bool, lora=None) -> DiffusionModel:
     net_cfg = get_preset(cfg["model"]["preset"], **cfg["model"]["overrides"])
     with torch.device("meta"):
         model = DiffusionModel(net_cfg)
+    if lora is not None:
+        add_lora(model, lora, base_dtype=param_dtype)  # frozen base in the compute dtype, fp32 adapters
     parallelize(model, d.mesh, param_dtype=param_dtype, activation_checkpointing=ac)
     model.to_empty(device=d.device)
     model.net.pos_embedder.reset_buffers()
@@ -272,20 +329,25 @@ def train(args: argparse.Namespace) -> int:
     param_dtype = torch.bfloat16 if (gpu and t["precision"] == "bf16") else None
     ac = t["activation_checkpointing"] == "full"
     init_path = args.init_checkpoint or dit_dir(cfg) / "model.pt"
+    lora = LoraSettings.from_dict(t["lora"]) if t["lora"]["enabled"] else None
     full_sd = initial_state_dict(cfg, init_path) if d.main else None
-    model = sharded_model(cfg, d, full_sd, param_dtype, ac)
-    ema = sharded_model(cfg, d, full_sd, None, False).requires_grad_(False)
+    if lora is not None and d.main:
+        full_sd = lora_init_state_dict(full_sd, lora, torch.Generator().manual_seed(t["seed"]))
+    model = sharded_model(cfg, d, full_sd, param_dtype, ac, lora)
+    if lora is None:
+        ema = sharded_model(cfg, d, full_sd, None, False).requires_grad_(False)
+        params = list(model.parameters())
+    else:
+        ema, params = AdapterEma(model), lora_parameters(model)
     del full_sd
-    optim = torch.optim.AdamW(
-        model.parameters(), lr=t["lr"], betas=tuple(t["betas"]), eps=t["eps"], weight_decay=t["weight_decay"]
-    )
+    optim = torch.optim.AdamW(params, lr=t["lr"], betas=tuple(t["betas"]), eps=t["eps"], weight_decay=t["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda k: lr_multiplier(k, t["warmup_steps"], t["warmup_start"]))
     gen = torch.Generator(device=d.device).manual_seed(t["seed"] * 1000 + d.rank)
     gamma = ema_gamma(t["ema_rate"])
     start, skipped_total = 0, 0
     latest = read_latest(ckpt_dir)
     if latest is not None:
-        meta = load_checkpoint(ckpt_dir, latest, model, ema, optim, sched, gen, d)
+        meta = load_checkpoint(ckpt_dir, latest, model, ema, optim, sched, gen, d, lora)
         start, skipped_total = latest, meta.get("skipped_steps", 0)
         if d.main:
             log.info("resumed from %s at iteration %d", ckpt_dir / ckpt_name(latest), latest)
@@ -354,7 +416,7 @@ def train(args: argparse.Namespace) -> int:
         if it in nan_at:
             loss = loss * float("nan")
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, t["grad_clip"])
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         stats = torch.stack(
             [loss.detach(), out_loss.edm_loss.detach(), out_loss.mse_loss.detach(), out_loss.logvar.detach().mean()]
@@ -367,10 +429,13 @@ def train(args: argparse.Namespace) -> int:
             optim.step()
             with torch.no_grad():
                 beta = ema_beta(it, gamma)
-                e_loc = [p.to_local() for p in ema.parameters()]
-                m_loc = [p.to_local().float() for p in model.parameters()]
-                torch._foreach_mul_(e_loc, beta)
-                torch._foreach_add_(e_loc, m_loc, alpha=1 - beta)
+                if lora is not None:
+                    ema.update(model, beta)
+                else:
+                    e_loc = [p.to_local() for p in ema.parameters()]
+                    m_loc = [p.to_local().float() for p in model.parameters()]
+                    torch._foreach_mul_(e_loc, beta)
+                    torch._foreach_add_(e_loc, m_loc, alpha=1 - beta)
             streak = 0
         else:
             streak += 1
@@ -425,6 +490,8 @@ def train(args: argparse.Namespace) -> int:
                 {"skipped_steps": skipped_total},
                 d,
                 kill_in_save=args.debug_kill_in_save == it,
+                lora=lora,
+                final=it == iterations,
             )
             if d.main:
                 prune_checkpoints(ckpt_dir, t["keep_checkpoints"])
@@ -446,7 +513,9 @@ def train(args: argparse.Namespace) -> int:
             {
                 "iteration": iterations,
                 "ema_model": f"{stem}_ema_model.pt",
-                "reg_model": f"{stem}_reg_model.pt",
+                "reg_model": f"{stem}_reg_model.pt" if lora is None else None,
+                "reg_adapter": f"{stem}_reg_adapter.safetensors" if lora is not None else None,
+                "ema_adapter": f"{stem}_ema_adapter.safetensors" if lora is not None else None,
                 "skipped_steps": skipped_total,
                 "world_size": d.world,
                 "experiment": cfg["name"],
