@@ -191,7 +191,7 @@ rule train:
     shell:
         "{params.py} {params.src}/launch.py --nproc {params.train[nproc]} --nnodes {params.train[nodes]} --"
         " {params.src}/train.py --experiment {params.exp} --data-manifest {input.data} --out-dir {params.out}"
-        " --init-checkpoint {params.init} --tokenizer-dir {params.tok} > {log} 2>&1"
+        " --init-checkpoint {params.init} --tokenizer-dir {params.tok} >> {log} 2>&1"
 
 
 rule copy_ema:

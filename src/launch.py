@@ -13,7 +13,7 @@ addresses and CPUs come from `scontrol` (SLURM_JOB_NODELIST and friends are stri
 
 Stop signals: SIGURG (SLURM's pre-timeout `sbatch --signal=URG@<s>`), SIGUSR1, SIGTERM and SIGINT ask the training
 processes to finish the step, save a checkpoint and exit 3 (train.py's EXIT_STOPPED). They get SIGUSR1 from here:
-they wrote their PIDs to $MVDIT_PID_DIR, because torchrun does not pass signals on. SLURM delivers `--signal` (and
+they wrote their PIDs to $MVDIT_PID_DIR, because torchrun does not pass SIGUSR1 on. SLURM delivers `--signal` (and
 what srun forwards) to EVERY process of a job step; URG is ignored by default, so torchrun, ffmpeg decoders and
 Snakemake are unaffected, while USR1 would kill them. A second SIGTERM/SIGINT stops torchrun at once. The exit code is
 the training processes' (3: stopped after saving, rerun to resume; 4: non-finite streak), not torchrun's blanket 1.

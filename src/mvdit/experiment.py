@@ -100,6 +100,9 @@ def check_combinations(cfg: dict, source: str) -> None:
         fail("train.save_iter", f"{t['save_iter']} is larger than train.iterations={t['iterations']}")
     if t["sharding"] == "hybrid" and t["nodes"] * t["nproc"] % t["shard_group_size"]:
         fail("train.shard_group_size", "must divide the total process count (nodes x nproc) for hybrid sharding")
+    nodes = cfg["resources"].get("train", {}).get("nodes")
+    if nodes and nodes != t["nodes"]:
+        fail("resources.train.nodes", f"{nodes} nodes but train.nodes={t['nodes']}; make them equal")
     gpus = cfg["resources"].get("train", {}).get("gpus")
     if gpus and gpus != t["nproc"]:
         fail("resources.train.gpus", f"{gpus} GPUs per node but train.nproc={t['nproc']} processes; make them equal")
