@@ -48,7 +48,7 @@ def setup(tmp_path_factory):
     return d
 
 
-def launch(setup, out, *extra, nproc=2):
+def launch(setup, out, *extra, nproc=2, experiment="exp.yaml"):
     cmd = [
         sys.executable,
         SRC / "launch.py",
@@ -57,7 +57,7 @@ def launch(setup, out, *extra, nproc=2):
         "--",
         SRC / "train.py",
         "--experiment",
-        setup / "exp.yaml",
+        setup / experiment,
         "--data-manifest",
         setup / "data/manifest.json",
         "--out-dir",
@@ -71,8 +71,8 @@ def launch(setup, out, *extra, nproc=2):
     )
 
 
-def run(setup, out, *extra, nproc=2, timeout=240):
-    p = launch(setup, out, *extra, nproc=nproc)
+def run(setup, out, *extra, nproc=2, timeout=240, experiment="exp.yaml"):
+    p = launch(setup, out, *extra, nproc=nproc, experiment=experiment)
     _, err = p.communicate(timeout=timeout)
     return p.returncode, err
 
@@ -207,26 +207,8 @@ def test_activation_checkpointing_and_hybrid_sharding_train_the_same_model(setup
         e = dict(exp, train=exp["train"] | change)
         (setup / f"{name}.yaml").write_text(yaml.safe_dump(e))
         out = setup / name
-        cmd = [
-            sys.executable,
-            SRC / "launch.py",
-            "--nproc",
-            "2",
-            "--",
-            SRC / "train.py",
-            "--experiment",
-            setup / f"{name}.yaml",
-            "--data-manifest",
-            setup / "data/manifest.json",
-            "--out-dir",
-            out,
-            "--tokenizer-dir",
-            setup / "tokenizer",
-            "--iterations",
-            "4",
-        ]
-        r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=240)
-        assert r.returncode == 0, r.stderr[-2000:]
+        code, err = run(setup, out, "--iterations", "4", experiment=f"{name}.yaml")
+        assert code == 0, err[-2000:]
         ref = losses(reference)[:4]
         if name == "ac":
             assert losses(out) == ref
@@ -269,24 +251,8 @@ def test_lora_post_training_through_the_same_engine(setup, tmp_path):
     (setup / "lora.yaml").write_text(yaml.safe_dump(exp))
 
     def go(out, *extra):
-        cmd = [
-            sys.executable,
-            SRC / "launch.py",
-            "--nproc",
-            "2",
-            "--",
-            SRC / "train.py",
-            "--experiment",
-            setup / "lora.yaml",
-            "--data-manifest",
-            setup / "data/manifest.json",
-            "--out-dir",
-            out,
-            "--tokenizer-dir",
-            setup / "tokenizer",
-            *extra,
-        ]
-        return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=240)
+        code, err = run(setup, out, *extra, experiment="lora.yaml")
+        return subprocess.CompletedProcess([], code, "", err)
 
     r = go(setup / "lora_ref")
     assert r.returncode == 0, r.stderr[-2000:]
