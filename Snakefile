@@ -10,7 +10,6 @@ from snakemake.utils import min_version, validate
 BASE = Path(workflow.basedir)  # scripts, prompts and assets live here; results/ and checkpoints/ in the workdir
 SRC = BASE / "src"
 sys.path.insert(0, str(SRC))
-from mvdit.constants import DIT_REPO, T5_REPO, TOKENIZER_REPO
 from mvdit.experiment import ExperimentError, SCHEMA_PATH
 from mvdit.experiment import validate as validate_experiment
 from mvdit.experiment import dit_dir, post_trained_dir, t5_dir, tokenizer_dir
