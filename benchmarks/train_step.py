@@ -56,7 +56,7 @@ def parse_args(argv=None):
         "--variants",
         default="base,cudnn",
         help="base (default SDPA), cudnn (cuDNN-first SDPA), +fusedqk (compiled q/k norm + RoPE), "
-        "+compile (torch.compile of every Block)",
+        "+compile (torch.compile of every Block), +sac (selective checkpointing: keep self-attention outputs)",
     )
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
@@ -84,15 +84,20 @@ def block_forward_fn(compiled: bool):
     return _compiled_block_forward
 
 
-def set_depth(model: DiffusionModel, all_blocks: list, n: int, ac: bool, compiled: bool = False) -> None:
+def set_depth(
+    model: DiffusionModel, all_blocks: list, n: int, ac: bool, compiled: bool = False, selective: bool = False
+) -> None:
     """Use the first n blocks; wrap each in non-reentrant activation checkpointing when ac (around the compiled
-    forward when compiled)."""
+    forward when compiled); selective keeps the self-attention outputs (mvdit.parallel's policy)."""
+    from mvdit.parallel import selective_checkpoint_context
+
     model.net.blocks = nn.ModuleDict(all_blocks[:n])
     fn = block_forward_fn(compiled)
     for _, blk in all_blocks:
         if ac:
+            kw = {"context_fn": selective_checkpoint_context()} if selective else {}
             blk.forward = types.MethodType(
-                lambda self, *args, f=fn: checkpoint(f, self, *args, use_reentrant=False), blk
+                lambda self, *args, f=fn, kw=kw: checkpoint(f, self, *args, use_reentrant=False, **kw), blk
             )
         elif compiled:
             blk.forward = types.MethodType(fn, blk)
@@ -203,7 +208,8 @@ def main(argv=None):
             model.zero_grad(set_to_none=True)
             for _, blk in all_blocks:  # blocks outside the current depth too
                 blk.zero_grad(set_to_none=True)
-            set_depth(model, all_blocks, n, ac, compiled="compile" in variant.split("+"))
+            parts = variant.split("+")
+            set_depth(model, all_blocks, n, ac, compiled="compile" in parts, selective="sac" in parts)
             C.mem_reset(dev)
             r["static_gib"] = C.mem_now_gib(dev)
             try:

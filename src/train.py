@@ -251,13 +251,15 @@ def initial_state_dict(cfg: dict, init_path: Path | None) -> dict:
     return model.state_dict()
 
 
-def sharded_model(cfg: dict, d, full_sd: dict | None, param_dtype, ac: bool, lora=None) -> DiffusionModel:
+def sharded_model(
+    cfg: dict, d, full_sd: dict | None, param_dtype, ac, lora=None, compile_blocks: bool = False
+) -> DiffusionModel:
     net_cfg = get_preset(cfg["model"]["preset"], **cfg["model"]["overrides"])
     with torch.device("meta"):
         model = DiffusionModel(net_cfg)
     if lora is not None:
         add_lora(model, lora, base_dtype=param_dtype)  # frozen base in the compute dtype, fp32 adapters
-    parallelize(model, d.mesh, param_dtype=param_dtype, activation_checkpointing=ac)
+    parallelize(model, d.mesh, param_dtype=param_dtype, activation_checkpointing=ac, compile_blocks=compile_blocks)
     model.to_empty(device=d.device)
     model.net.pos_embedder.reset_buffers()
     broadcast_full_state(model, full_sd)
@@ -327,13 +329,13 @@ def train(args: argparse.Namespace) -> int:
 
     gpu = d.device.type == "cuda"
     param_dtype = torch.bfloat16 if (gpu and t["precision"] == "bf16") else None
-    ac = t["activation_checkpointing"] == "full"
+    ac = t["activation_checkpointing"]
     init_path = args.init_checkpoint or dit_dir(cfg) / "model.pt"
     lora = LoraSettings.from_dict(t["lora"]) if t["lora"]["enabled"] else None
     full_sd = initial_state_dict(cfg, init_path) if d.main else None
     if lora is not None and d.main:
         full_sd = lora_init_state_dict(full_sd, lora, torch.Generator().manual_seed(t["seed"]))
-    model = sharded_model(cfg, d, full_sd, param_dtype, ac, lora)
+    model = sharded_model(cfg, d, full_sd, param_dtype, ac, lora, compile_blocks=t["compile"])
     if lora is None:
         ema = sharded_model(cfg, d, full_sd, None, False).requires_grad_(False)
         params = list(model.parameters())

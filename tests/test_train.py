@@ -198,11 +198,14 @@ def test_resume_with_another_process_count_is_refused(setup, reference):
 
 
 def test_activation_checkpointing_and_hybrid_sharding_train_the_same_model(setup, reference):
-    """Recomputing activations changes nothing; HSDP (2 replicas x 1 shard) matches FSDP up to reduction order."""
+    """Recomputing activations (all, or all but attention) changes nothing; HSDP (2 replicas x 1 shard) matches FSDP
+    up to reduction order."""
     exp = yaml.safe_load((setup / "exp.yaml").read_text())
     for name, change in (
         ("ac", {"activation_checkpointing": "full"}),
         ("hsdp", {"sharding": "hybrid", "shard_group_size": 1}),
+        ("sac", {"activation_checkpointing": "selective"}),
+        ("sac_compiled", {"activation_checkpointing": "selective", "compile": True}),
     ):
         e = dict(exp, train=exp["train"] | change)
         (setup / f"{name}.yaml").write_text(yaml.safe_dump(e))
@@ -210,7 +213,7 @@ def test_activation_checkpointing_and_hybrid_sharding_train_the_same_model(setup
         code, err = run(setup, out, "--iterations", "4", experiment=f"{name}.yaml")
         assert code == 0, err[-2000:]
         ref = losses(reference)[:4]
-        if name == "ac":
+        if name in ("ac", "sac"):
             assert losses(out) == ref
         else:
             assert losses(out) == pytest.approx(ref, rel=1e-4)
