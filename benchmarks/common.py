@@ -104,23 +104,6 @@ def build_random(cls, cfg, device: str, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-class CastInput(nn.Module):
-    """Feeds the network its input latent in the weights' dtype.
-
-    Workaround for a bug in src: mvdit.edm.run_net computes `x * bcast(c_in, x)` where bcast(c_in) is a fp32
-    [1, 1, 1, 1, 1] tensor, so a bf16 latent is promoted to fp32 and a bf16 network fails in its first Linear
-    ("mat1 and mat2 must have the same dtype"); pipeline.generate cannot run a bf16 model as it stands.
-    """
-
-    def __init__(self, net: nn.Module, dtype: torch.dtype):
-        super().__init__()
-        self.net = net
-        self.dtype = dtype
-
-    def forward(self, x: Tensor, **kwargs):
-        return self.net(x=x.to(self.dtype), **kwargs)
-
-
 # ---------------------------------------------------------------------------------------------------- timing
 def sync(device: str) -> None:
     if device.startswith("cuda"):
@@ -335,60 +318,15 @@ def compiled_blocks(net: nn.Module):
             del blk.forward
 
 
-# ---------------------------------------------------------------------------------------------- CFG batching
-def batch_cfg_condition(cond):
-    """The conditional and unconditional branches as one batch-2 Condition (same inputs, text | uncond text)."""
-    from dataclasses import replace
-
-    def two(t):
-        return None if t is None else torch.cat([t, t])
-
-    u = cond.uncond()
-    return replace(
-        cond,
-        gt_latent=two(cond.gt_latent),
-        indicator=two(cond.indicator),
-        crossattn_emb=torch.cat([cond.crossattn_emb, u.crossattn_emb]),
-        fps=two(cond.fps),
-        padding_mask=two(cond.padding_mask),
-        frame_repeat=two(cond.frame_repeat),
-        augment_noise=two(cond.augment_noise),
-    )
-
-
-def inference_x0_batched(net, x, sigma, cond, guidance, compat="fixed"):
-    """mvdit.edm.inference_x0 with the two guidance forwards run as one batch-2 forward."""
-    from mvdit.edm import augment_condition, edm_scalings, run_net
-
-    active = cond.augment_sigma < float(sigma)
-    m = cond.indicator.to(x.dtype) * float(active)
-    a = torch.as_tensor(cond.augment_sigma, dtype=sigma.dtype)
-    x_in = m * augment_condition(cond.gt_latent, cond.noise(), a, sigma) + (1 - m) * x
-    f_cond, f_uncond = run_net(net, torch.cat([x_in, x_in]), sigma, batch_cfg_condition(cond)).chunk(2)
-    f = f_cond + guidance * (f_cond - f_uncond)
-    c_skip, c_out, _, _ = edm_scalings(sigma)
-    g = cond.gt_latent
-    if compat == "head":
-        pinned = g / c_out - c_skip * x_in
-    elif compat == "fixed":
-        pinned = (g - c_skip * x_in) / c_out
-    else:
-        raise ValueError(f"compat must be 'fixed' or 'head', got {compat!r}")
-    model_output = m * pinned + (1 - m) * f
-    x0 = c_skip * x_in + c_out * model_output
-    return {"x_in": x_in, "F_cond": f_cond, "F_uncond": f_uncond, "model_output": model_output, "x0": x0}
-
-
-@contextlib.contextmanager
-def batched_cfg():
-    from mvdit import pipeline
-
-    orig = pipeline.inference_x0
-    pipeline.inference_x0 = inference_x0_batched
-    try:
-        yield
-    finally:
-        pipeline.inference_x0 = orig
+# ---------------------------------------------------------------------------------------------------- CLI
+def add_shape_args(p) -> None:
+    """The sample-shape flags every benchmark takes (defaults: the released 7B model's full 6-view sample)."""
+    p.add_argument("--preset", default="7b-multiview")
+    p.add_argument("--views", type=int, default=6)
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=848)
+    p.add_argument("--frames", type=int, default=57)
+    p.add_argument("--text-len", type=int, default=512)
 
 
 # ---------------------------------------------------------------------------------------------------- output

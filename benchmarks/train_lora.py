@@ -49,12 +49,7 @@ SDPA_OPS = (
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="7b-multiview")
-    p.add_argument("--views", type=int, default=6)
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--width", type=int, default=848)
-    p.add_argument("--frames", type=int, default=57)
-    p.add_argument("--text-len", type=int, default=512)
+    C.add_shape_args(p)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--dropout", type=float, default=0.0)

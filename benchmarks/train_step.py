@@ -43,12 +43,7 @@ PERF_MD = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="7b-multiview")
-    p.add_argument("--views", type=int, default=6)
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--width", type=int, default=848)
-    p.add_argument("--frames", type=int, default=57)
-    p.add_argument("--text-len", type=int, default=512)
+    C.add_shape_args(p)
     p.add_argument("--full-blocks", type=int, default=28, help="depth to extrapolate to")
     p.add_argument("--blocks-noac", default="1,2", help="block counts without activation checkpointing")
     p.add_argument("--blocks-ac", default="2,4", help="block counts with activation checkpointing")
