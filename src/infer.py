@@ -11,7 +11,6 @@ Writes <set>.mp4 (views back to back), <set>_grid.mp4, <set>.txt (upstream's fil
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import sys
 import time
@@ -22,6 +21,7 @@ import torch
 from mvdit.checkpoint import CheckpointError, atomic_write, load_model, write_json
 from mvdit.config import get_preset
 from mvdit.experiment import ExperimentError, load_experiment, t5_dir, tokenizer_dir
+from mvdit.hub import file_digests
 from mvdit.lora import LoraError, load_model_with_adapter
 from mvdit.pipeline import compile_blocks, full_grid_views, generate, latent_frames, pad_condition_video, text_context
 from mvdit.prompts import PromptSetError, check_input, load_prompt_sets, read_condition_frames
@@ -40,12 +40,8 @@ from mvdit.video_io import (
 log = logging.getLogger("infer")
 
 
-def sha256_of(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def sha256_of(path: Path) -> str:
+    return file_digests(Path(path))["sha256"]  # streamed, with a progress bar for big checkpoints
 
 
 def main(argv=None) -> int:
