@@ -52,6 +52,8 @@ POST = f"{post_trained_dir(config)}/model.pt"
 MANIFEST = ".mvdit_manifest.json"
 # inference reads the post-trained copy, or the released model.pt that the download rule's manifest vouches for
 CKPT_FOR_INFER = POST if INF["checkpoint"] == "post-trained" else f"{DIT}/{MANIFEST}"
+# several inference processes per prompt set run under torchrun; a stop signal ends them (nothing to save)
+INFER_RUN = f"{PY} {SRC}/launch.py --nproc {INF['nproc']} --on-stop terminate --" if INF["nproc"] > 1 else PY
 HAS_EVAL = config["data"]["source"] != "mock" and config["data"]["held_out"] > 0 and T["init"] == "release"
 
 
@@ -244,14 +246,14 @@ rule infer:
         ps="[A-Za-z0-9_.-]+",
     conda:
         ENV
-    resources:
+    resources:  # infer.nproc processes share each sample (context parallelism), one GPU and its CPUs each
         **slurm_resources("infer"),
-        gpu=res("infer", "gpus", 0),
-        cpus_per_task=res("infer", "cpus_per_task", 1),
+        gpu=res("infer", "gpus", 0) * INF["nproc"],
+        cpus_per_task=res("infer", "cpus_per_task", 1) * INF["nproc"],
         runtime=res("infer", "runtime", 30),
         mem_mb=res("infer", "mem_mb", 4000),
     params:
-        py=PY,
+        run=INFER_RUN,
         src=SRC,
         base=BASE,
         exp=RESOLVED,
@@ -262,7 +264,7 @@ rule infer:
         tok=lambda w, input: Path(input.tokenizer).parent,
         t5=lambda w, input: Path(input.t5).parent,
     shell:
-        "{params.py} {params.src}/infer.py --experiment {params.exp} --prompt-set {input.prompt_set} --index {params.index}"
+        "{params.run} {params.src}/infer.py --experiment {params.exp} --prompt-set {input.prompt_set} --index {params.index}"
         " --checkpoint {params.ckpt} --out-dir {params.out} --tokenizer-dir {params.tok} --t5-dir {params.t5}"
         " --project-root {params.base}"
         " > {log} 2>&1"

@@ -6,11 +6,17 @@ Example: python src/infer.py --experiment experiments/tiny_demo.yaml --prompt-se
   --out-dir results/tiny_demo/infer/snowy_road
 Writes <set>.mp4 (views back to back), <set>_grid.mp4, <set>.txt (upstream's files), <camera>.mp4 per camera,
 <set>_sheet.png and <set>.json (prompts, seed, settings, checkpoint sha256, timings, peak memory).
+
+Several GPUs share one sample by context parallelism (each holds a slice of the tokens):
+  python src/launch.py --nproc 8 -- src/infer.py ...   (or infer.nproc: 8 in the experiment)
+The main process encodes the text and the condition frames and broadcasts them; every process runs the DiT on its
+slice; the main process decodes and writes the files.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import sys
 import time
@@ -18,8 +24,10 @@ from pathlib import Path
 
 import torch
 
+from mvdit import context_parallel
 from mvdit.checkpoint import CheckpointError, atomic_write, load_model, write_json
 from mvdit.config import get_preset
+from mvdit.constants import SPATIAL_COMPRESSION
 from mvdit.experiment import ExperimentError, load_experiment, t5_dir, tokenizer_dir
 from mvdit.hub import file_digests
 from mvdit.lora import LoraError, load_model_with_adapter
@@ -80,6 +88,8 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        context_parallel.finish()
     return 0
 
 
@@ -87,7 +97,7 @@ def run(args: argparse.Namespace) -> None:
     cfg = load_experiment(args.experiment)
     d, inf = cfg["data"], cfg["infer"]
     cameras = d["cameras"]
-    # everything that can be wrong with the inputs is found before any model loads
+    # everything that can be wrong with the inputs is found before any model loads (by every process)
     sets = load_prompt_sets(args.prompt_set, cameras, args.project_root)
     if args.index is not None:
         if not 0 <= args.index < len(sets):
@@ -97,27 +107,47 @@ def run(args: argparse.Namespace) -> None:
         check_input(ps, cameras)
     if not args.checkpoint.is_file():
         raise CheckpointError(f"checkpoint {args.checkpoint} does not exist: run the train and copy_ema rules first")
-    dev = torch.device(args.device)
+    procs = context_parallel.init_processes(args.device)
+    main_proc = procs.main
+    if not main_proc:
+        logging.getLogger().setLevel(logging.WARNING)
+    dev = procs.device
     dtype = torch.bfloat16 if (dev.type == "cuda" and inf["precision"] == "bf16") else torch.float32
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     timings: dict[str, float] = {}
+    net_cfg = get_preset(cfg["model"]["preset"], **cfg["model"]["overrides"])
+    n_v, t_lat = len(cameras), latent_frames(d["num_frames"])
+    text_shape = (1, n_v * d["text_len"], net_cfg.crossattn_emb_channels)
+    latent_shape = (
+        1,
+        net_cfg.in_channels,
+        n_v * t_lat,
+        d["height"] // SPATIAL_COMPRESSION,
+        d["width"] // SPATIAL_COMPRESSION,
+    )
 
     t0 = time.perf_counter()
-    t5 = args.t5_dir or t5_dir(cfg)
-    cache = EmbeddingCache(args.cache_dir, encoder_identity(t5))
-    t5_device = "cpu" if inf["offload_text_encoder"] else dev
     texts = {}
-    for ps in sets:  # the text encoder runs (and is released) before the DiT loads
-        embs = cache.encode_cached(lambda: T5TextEncoder(t5, device=t5_device, dtype=dtype), list(ps.prompts.values()))
-        texts[ps.name] = text_context(embs, d["text_len"])
+    if main_proc:  # the text encoder runs (and is released) before the DiT loads
+        t5 = args.t5_dir or t5_dir(cfg)
+        cache = EmbeddingCache(args.cache_dir, encoder_identity(t5))
+        t5_device = "cpu" if inf["offload_text_encoder"] else dev
+        for ps in sets:
+            embs = cache.encode_cached(
+                lambda: T5TextEncoder(t5, device=t5_device, dtype=dtype), list(ps.prompts.values())
+            )
+            texts[ps.name] = text_context(embs, d["text_len"]).to(dev, dtype)
+    for ps in sets:
+        texts[ps.name] = context_parallel.broadcast_from_main(texts.get(ps.name), text_shape, dtype, procs)
     timings["text_encoder_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    tok = VideoTokenizer(
-        args.tokenizer_dir or tokenizer_dir(cfg), device=dev, dtype=dtype, pixel_chunk_frames=d["num_frames"]
-    )
-    net_cfg = get_preset(cfg["model"]["preset"], **cfg["model"]["overrides"])
+    tok = None
+    if main_proc:  # only the main process encodes the condition frames and decodes the result
+        tok = VideoTokenizer(
+            args.tokenizer_dir or tokenizer_dir(cfg), device=dev, dtype=dtype, pixel_chunk_frames=d["num_frames"]
+        )
     if args.adapter is not None:  # base + LoRA adapter, not merged
         model = load_model_with_adapter(
             net_cfg, args.checkpoint, args.adapter, device=dev, dtype=dtype, allow_pickle=cfg["model"]["allow_pickle"]
@@ -127,22 +157,28 @@ def run(args: argparse.Namespace) -> None:
             net_cfg, args.checkpoint, device=dev, dtype=dtype, allow_pickle=cfg["model"]["allow_pickle"]
         )
     model.eval()
+    if procs.world > 1:
+        context_parallel.enable(model)
+        log.info("context parallelism over %d processes: each holds 1/%d of the tokens", procs.world, procs.world)
     if inf["compile"]:
         compile_blocks(model.net)
-    ckpt_sha = sha256_of(args.checkpoint)
+    ckpt_sha = sha256_of(args.checkpoint) if main_proc else None
     timings["load_s"] = time.perf_counter() - t0
 
     for ps in sets:
         t_set = time.perf_counter()
-        frames = read_condition_frames(ps, cameras)
-        views = [to_model_pixels(f, d["height"], d["width"], dtype=torch.float32).to(dev, dtype) for f in frames]
-        video = pad_condition_video(views, d["num_frames"])
-        with torch.no_grad():
-            if inf["offload_tokenizer"]:
-                tok.to(dev)
-            gt = tok.encode_views(video, len(cameras)).to(dtype)
-            if inf["offload_tokenizer"]:
-                tok.offload()
+        gt = None
+        if main_proc:
+            frames = read_condition_frames(ps, cameras)
+            views = [to_model_pixels(f, d["height"], d["width"], dtype=torch.float32).to(dev, dtype) for f in frames]
+            video = pad_condition_video(views, d["num_frames"])
+            with torch.no_grad():
+                if inf["offload_tokenizer"]:
+                    tok.to(dev)
+                gt = tok.encode_views(video, len(cameras)).to(dtype)
+                if inf["offload_tokenizer"]:
+                    tok.offload()
+        gt = context_parallel.broadcast_from_main(gt, latent_shape, dtype, procs)
         settings = {
             "steps": args.steps or ps.overrides.get("steps", inf["steps"]),
             "guidance": float(ps.overrides.get("guidance", inf["guidance"])),
@@ -166,10 +202,15 @@ def run(args: argparse.Namespace) -> None:
             fps=settings["fps"],
             frame_repeat=settings["frame_repeat"],
             batch_guidance=inf["batch_guidance"],
+            progress=main_proc,
         )
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         sample_s = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+        peaks = context_parallel.gather_floats(-1.0 if peak is None else peak, procs)
+        if not main_proc:
+            continue
         t0 = time.perf_counter()
         with torch.no_grad():
             if inf["offload_tokenizer"]:
@@ -193,8 +234,10 @@ def run(args: argparse.Namespace) -> None:
             "checkpoint_sha256": ckpt_sha,
             "adapter": str(args.adapter) if args.adapter else None,
             "adapter_sha256": sha256_of(args.adapter) if args.adapter else None,
+            "latent_sha256": hashlib.sha256(latent.cpu().contiguous().numpy().tobytes()).hexdigest(),
             "device": str(dev),
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "context_parallel": procs.world,
             "dtype": str(dtype),
             "resolution": [d["height"], d["width"]],
             "frames_per_view": f,
@@ -206,7 +249,8 @@ def run(args: argparse.Namespace) -> None:
                 "set_total": time.perf_counter() - t_set,
                 "per_step": sample_s / settings["steps"],
             },
-            "peak_gpu_memory_gb": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
+            "peak_gpu_memory_gb": peak,
+            "peak_gpu_memory_gb_per_rank": None if peak is None else peaks,
         }
         write_json(args.out_dir / f"{ps.name}.json", meta)
         log.info("%s: %d steps in %.1f s -> %s", ps.name, settings["steps"], sample_s, args.out_dir)

@@ -17,6 +17,7 @@ they wrote their PIDs to $MVDIT_PID_DIR, because torchrun does not pass SIGUSR1 
 what srun forwards) to EVERY process of a job step; URG is ignored by default, so torchrun, ffmpeg decoders and
 Snakemake are unaffected, while USR1 would kill them. A second SIGTERM/SIGINT stops torchrun at once. The exit code is
 the training processes' (3: stopped after saving, rerun to resume; 4: non-finite streak), not torchrun's blanket 1.
+Programs with nothing to save (inference: --on-stop terminate) are stopped at the first stop signal instead.
 """
 
 from __future__ import annotations
@@ -111,7 +112,14 @@ def torchrun_command(
 
 
 def srun_command(
-    nproc: int, nnodes: int, job_id: str, job: dict, program: list[str], port: int | None, overlap: bool
+    nproc: int,
+    nnodes: int,
+    job_id: str,
+    job: dict,
+    program: list[str],
+    port: int | None,
+    overlap: bool,
+    on_stop: str = "save",
 ) -> list[str]:
     """One task per node running this script as the node agent (which runs torchrun)."""
     cmd = ["srun", f"--nodes={nnodes}", f"--ntasks={nnodes}", "--ntasks-per-node=1"]
@@ -122,7 +130,7 @@ def srun_command(
         cmd.append("--overlap")
     endpoint = f"{job['head_addr']}:{port or rendezvous_port(job_id)}"
     agent = [sys.executable, str(Path(__file__).resolve()), "--node-agent", "--nproc", str(nproc)]
-    agent += ["--nnodes", str(nnodes), "--rdzv-endpoint", endpoint, "--rdzv-id", job_id]
+    agent += ["--nnodes", str(nnodes), "--rdzv-endpoint", endpoint, "--rdzv-id", job_id, "--on-stop", on_stop]
     return cmd + agent + ["--", *program]
 
 
@@ -139,8 +147,9 @@ def cpu_threads(nproc: int) -> int:
     return max(1, cpus // nproc)
 
 
-def run_torchrun(cmd: list[str], label: str, nproc: int) -> int:
-    """Run torchrun with SIGUSR1 ignored; stop signals go to the training processes as SIGUSR1."""
+def run_torchrun(cmd: list[str], label: str, nproc: int, on_stop: str = "save") -> int:
+    """Run torchrun with SIGUSR1 ignored; stop signals go to the training processes as SIGUSR1 (on_stop "save"),
+    or stop torchrun and its processes at once (on_stop "terminate")."""
     pid_dir = tempfile.mkdtemp(prefix="mvdit-pids-")
     threads = str(cpu_threads(nproc))
     env = os.environ | {"MVDIT_PID_DIR": pid_dir, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
@@ -158,6 +167,13 @@ def run_torchrun(cmd: list[str], label: str, nproc: int) -> int:
                     told.add(pid)
 
     def on_signal(signum, _frame):
+        if on_stop == "terminate" and proc is not None:
+            if stop["signal"] is None:
+                log(f"{label}got {signal.Signals(signum).name}: stopping the processes (nothing to save)")
+            stop["signal"] = signum
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            return
         if stop["signal"] is None:
             stop["signal"] = signum
             log(f"{label}got {signal.Signals(signum).name}: the training processes save a checkpoint and stop")
@@ -179,7 +195,7 @@ def run_torchrun(cmd: list[str], label: str, nproc: int) -> int:
                 code = proc.wait(timeout=0.5)
                 break
             except subprocess.TimeoutExpired:
-                if stop["signal"] is not None:
+                if stop["signal"] is not None and on_stop == "save":
                     tell_workers()  # processes that registered after the signal came
         # torchrun turns any worker failure into exit 1; the workers' own codes (3 stopped, 4 non-finite) matter
         codes = [int(p.read_text()) for p in Path(pid_dir).glob("*.exit") if p.read_text().strip().isdigit()]
@@ -247,6 +263,12 @@ def main(argv=None) -> int:
         help="auto: a new job step when inside a SLURM job's batch step, torchrun here otherwise",
     )
     ap.add_argument("--port", type=int, default=None, help="rendezvous port (default: free / derived from job id)")
+    ap.add_argument(
+        "--on-stop",
+        choices=("save", "terminate"),
+        default="save",
+        help="stop signals: save a checkpoint and exit 3 (training), or stop at once (inference)",
+    )
     ap.add_argument("--node-agent", action="store_true", help=argparse.SUPPRESS)  # one srun task per node
     ap.add_argument("--rdzv-endpoint", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--rdzv-id", default="mvdit", help=argparse.SUPPRESS)
@@ -268,7 +290,7 @@ def main(argv=None) -> int:
                 f"{label}node {node_id} of {args.nnodes}, {args.nproc} process(es), "
                 f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}: {shlex.join(cmd)}"
             )
-            code = run_torchrun(cmd, label, args.nproc)
+            code = run_torchrun(cmd, label, args.nproc, args.on_stop)
         else:
             mode = slurm_mode(args.slurm, args.nnodes)
             if mode == "local":
@@ -282,7 +304,7 @@ def main(argv=None) -> int:
                 where = f"SLURM job {os.environ['SLURM_JOB_ID']}, " if os.environ.get("SLURM_JOB_ID") else ""
                 gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
                 log(f"{where}{f'CUDA_VISIBLE_DEVICES={gpus}: ' if gpus is not None else ''}{shlex.join(cmd)}")
-                code = run_torchrun(cmd, "", args.nproc)
+                code = run_torchrun(cmd, "", args.nproc, args.on_stop)
             else:
                 job_id = os.environ.get("SLURM_JOB_ID") or os.environ["SLURM_JOBID"]
                 job = slurm_job(job_id)
@@ -292,7 +314,7 @@ def main(argv=None) -> int:
                         f"node(s) ({', '.join(job['nodes'])}); request as many (resources.train.nodes)"
                     )
                 cmd = srun_command(
-                    args.nproc, args.nnodes, job_id, job, program, args.port, overlap=mode == "srun-overlap"
+                    args.nproc, args.nnodes, job_id, job, program, args.port, mode == "srun-overlap", args.on_stop
                 )
                 log(f"SLURM job {job_id}, nodes {', '.join(job['nodes'][: args.nnodes])}: {shlex.join(cmd)}")
                 code = run_srun(cmd, job_id)

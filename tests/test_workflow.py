@@ -90,6 +90,23 @@ def test_7b_example_dry_run_plans_the_full_dag(tmp_path):
     assert "launch.py --nproc 8 --nnodes 1 -- " in r.stdout and "checkpoints/Cosmos-Predict1-7B" in r.stdout
 
 
+def test_context_parallel_inference_runs_through_the_launcher_with_one_gpu_per_process(tmp_path):
+    exp = yaml.safe_load((ROOT / "experiments/video2world_multiview_7b_example.yaml").read_text())
+    exp["infer"] = exp.get("infer", {}) | {"nproc": 4}
+    exp["resources"] = exp.get("resources", {}) | {"infer": {"gpus": 1, "cpus_per_task": 8}}
+    cfg = tmp_path / "cp.yaml"
+    cfg.write_text(yaml.safe_dump(exp))
+    r = snakemake("-n", "-p", "--configfile", str(cfg), "--directory", str(tmp_path), "--forcerun", "infer")
+    assert r.returncode == 0, r.stderr
+    infer_cmds = [ln for ln in r.stdout.splitlines() if "infer.py" in ln]
+    assert infer_cmds and all("launch.py --nproc 4 --on-stop terminate -- " in ln for ln in infer_cmds)
+    jobs = r.stdout.split("rule ")
+    infer_jobs = [j for j in jobs if j.startswith("infer:")]
+    assert infer_jobs and all("gpu=4" in j and "cpus_per_task=32" in j for j in infer_jobs), infer_jobs[:1]
+    prep = [j for j in jobs if j.startswith("prepare_data:")]
+    assert prep and "gpu=1" in prep[0] and "cpus_per_task=8" in prep[0]  # one-process jobs keep one GPU
+
+
 def test_default_is_the_tiny_demo_and_plans_evaluation(tmp_path):
     r = snakemake("-n", "--directory", str(tmp_path))
     assert r.returncode == 0, r.stderr
@@ -105,6 +122,7 @@ def test_default_is_the_tiny_demo_and_plans_evaluation(tmp_path):
         ("name: x\ndata: {height: 100}\n", "data.height: 100 is not divisible by 16"),
         ("name: x\ndata: {num_frames: 10}\n", "data.num_frames: 10 is not 1 + 8k"),
         ("name: x\nmodel: {preset: tiny, overrides: {n_views: 4}}\n", "6 views but the model has 4"),
+        ("name: x\ninfer: {nproc: 2}\nresources: {infer: {gpus: 2}}\n", "resources.infer.gpus: 2 GPUs per process"),
     ],
 )
 def test_bad_experiment_stops_before_any_work(tmp_path, text, message):

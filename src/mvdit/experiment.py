@@ -106,6 +106,13 @@ def check_combinations(cfg: dict, source: str) -> None:
     gpus = cfg["resources"].get("train", {}).get("gpus")
     if gpus and gpus != t["nproc"]:
         fail("resources.train.gpus", f"{gpus} GPUs per node but train.nproc={t['nproc']} processes; make them equal")
+    gpus = cfg["resources"].get("infer", {}).get("gpus")
+    if i["nproc"] > 1 and gpus and gpus > 1:
+        fail(
+            "resources.infer.gpus",
+            f"{gpus} GPUs per process with infer.nproc={i['nproc']}: with context parallelism it counts the GPUs of "
+            "one process (1); the infer jobs ask for gpus x nproc",
+        )
 
 
 def load_experiment(path: str | Path) -> dict:

@@ -3,9 +3,16 @@
 
 Views are stacked view-major on the time axis: latent frame index v * T + t. Self-attention is joint over every
 view and frame; cross-attention lets each view see only its own text tokens.
+
+Context parallelism (several processes sharing one sample's token sequence) is switched on from outside by giving
+`MultiviewDiT.context_parallel` an object with `rank`, `world` and `all_gather` (mvdit.context_parallel); the network
+itself has no distributed code: each process keeps a contiguous slice of the tokens and gathers keys and values.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +89,55 @@ def adaln_modulation(dim: int, lora_dim: int, n_chunks: int) -> nn.Sequential:
     )
 
 
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """[start, stop) of rank's contiguous share of n tokens; the first n % world ranks hold one token more."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + int(rank < extra)
+
+
+@dataclass(frozen=True)
+class LocalTokens:
+    """The slice of the token sequence this process holds under context parallelism, and how to gather the rest.
+
+    all_gather(x, dim, sizes): x holds this rank's `sizes[rank]` tokens along dim; returns all sum(sizes) tokens
+    along dim, in rank order (a collective: every rank calls it at the same point).
+    """
+
+    sizes: tuple[int, ...]
+    rank: int
+    all_gather: Callable[[Tensor, int, tuple[int, ...]], Tensor]
+
+    @classmethod
+    def split(cls, n: int, rank: int, world: int, all_gather) -> LocalTokens:
+        sizes = tuple(b - a for a, b in (shard_bounds(n, r, world) for r in range(world)))
+        return cls(sizes, rank, all_gather)
+
+    @property
+    def start(self) -> int:
+        return sum(self.sizes[: self.rank])
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.sizes[self.rank]
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+    def gather(self, x: Tensor, dim: int) -> Tensor:
+        return self.all_gather(x, dim, self.sizes)
+
+    def view_segments(self, n_views: int) -> list[tuple[int, int, int]]:
+        """(first, last + 1, view) runs of the local tokens (local indices) that belong to one view each."""
+        per_view = self.total // n_views
+        out = []
+        for v in range(self.start // per_view, (self.stop - 1) // per_view + 1):
+            a, b = max(self.start, v * per_view), min(self.stop, (v + 1) * per_view)
+            out.append((a - self.start, b - self.start, v))
+        return out
+
+
 class Attention(nn.Module):
     """Multi-head attention with per-head q/k RMSNorm, no biases. Parameter names match upstream
     (`to_q.0` Linear, `to_q.1` norm weight, ...). Self-attention applies RoPE; cross-attention is per view.
@@ -100,17 +156,41 @@ class Attention(nn.Module):
         return rearrange(x, "b n (h d) -> b h n d", h=self.num_heads)
 
     def forward(
-        self, x: Tensor, context: Tensor | None = None, rope: Tensor | None = None, n_groups: int = 1
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        rope: Tensor | None = None,
+        n_groups: int = 1,
+        tokens: LocalTokens | None = None,
     ) -> Tensor:
         """x [B, N, D]; context [B, M, Dc] (None: self-attention). With n_groups = V, tokens and context are split
         into V contiguous groups (views) that attend only within their group. rope [N, head_dim] or None.
+
+        tokens: x is this process's slice of the sequence (context parallelism). Self-attention then gathers the
+        keys and values of all tokens; cross-attention runs per view on the views the slice touches.
         """
         ctx = x if context is None else context
-        q = self.to_q[1](self.heads(self.to_q[0](x)))
         k = self.to_k[1](self.heads(self.to_k[0](ctx)))
         v = self.heads(self.to_v[0](ctx))
         if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+            k = apply_rope(k, rope)
+        if tokens is not None and context is None:  # issued before q is computed, so the two can overlap
+            k, v = tokens.gather(torch.stack([k, v]), 3).unbind(0)
+        q = self.to_q[1](self.heads(self.to_q[0](x)))
+        if rope is not None:
+            q = apply_rope(q, rope)
+        if tokens is not None and context is not None and n_groups > 1:
+            per_group = ctx.shape[1] // n_groups
+            pieces = [
+                F.scaled_dot_product_attention(
+                    q[:, :, a:b],
+                    k[:, :, g * per_group : (g + 1) * per_group],
+                    v[:, :, g * per_group : (g + 1) * per_group],
+                )
+                for a, b, g in tokens.view_segments(n_groups)
+            ]
+            out = torch.cat(pieces, dim=2)
+            return self.to_out[0](rearrange(out, "b h n d -> b n (h d)"))
         if n_groups > 1:
             q, k, v = (rearrange(t, "b h (g n) d -> (b g) h n d", g=n_groups) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v)
@@ -149,13 +229,22 @@ class SubBlock(nn.Module):
             self.block = AttentionBlock(d, ctx_dim, cfg.num_heads)
         self.adaLN_modulation = adaln_modulation(d, cfg.adaln_lora_dim, 3)
 
-    def forward(self, x: Tensor, emb: Tensor, lora: Tensor, context: Tensor, rope: Tensor, n_views: int) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        emb: Tensor,
+        lora: Tensor,
+        context: Tensor,
+        rope: Tensor,
+        n_views: int,
+        tokens: LocalTokens | None = None,
+    ) -> Tensor:
         shift, scale, gate = (self.adaLN_modulation(emb) + lora).unsqueeze(1).chunk(3, dim=-1)
         h = layer_norm(x) * (1 + scale) + shift
         if self.kind == "self_attn":
-            h = self.block.attn(h, rope=rope)
+            h = self.block.attn(h, rope=rope, tokens=tokens)
         elif self.kind == "cross_attn":
-            h = self.block.attn(h, context, n_groups=n_views)
+            h = self.block.attn(h, context, n_groups=n_views, tokens=tokens)
         else:
             h = self.block(h)
         return x + gate * h
@@ -168,10 +257,10 @@ class Block(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList([SubBlock(k, cfg) for k in ("self_attn", "cross_attn", "mlp")])
 
-    def forward(self, x, emb, lora, context, rope, pos_emb, n_views: int) -> Tensor:
+    def forward(self, x, emb, lora, context, rope, pos_emb, n_views: int, tokens: LocalTokens | None = None) -> Tensor:
         x = x + pos_emb  # upstream re-adds the fixed sin-cos table at the start of every block
         for sub in self.blocks:
-            x = sub(x, emb, lora, context, rope, n_views)
+            x = sub(x, emb, lora, context, rope, n_views, tokens)
         return x
 
 
@@ -223,6 +312,7 @@ class MultiviewDiT(nn.Module):
         self.view_embeddings = nn.Embedding(cfg.n_views, cfg.view_condition_dim)
         if cfg.add_repeat_frame_embedding:
             self.repeat_frame_embedding = nn.Linear(1, cfg.view_condition_dim)
+        self.context_parallel = None  # set from outside (mvdit.context_parallel.enable); not part of the state dict
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
@@ -306,9 +396,20 @@ class MultiviewDiT(nn.Module):
         rope = self.pos_embedder(n_views, tp // n_views, hp, wp, fps)
         pos_emb = self.extra_pos_embedder(n_views, tp // n_views, hp, wp, dtype, dev)
         context = crossattn_emb.to(dtype)
+        tokens = None
+        cp = self.context_parallel
+        if cp is not None and cp.world > 1:  # keep this process's slice of the (v t h w) sequence
+            tokens = LocalTokens.split(x.shape[1], cp.rank, cp.world, cp.all_gather)
+            x, rope, pos_emb = (
+                x[:, tokens.start : tokens.stop],
+                rope[tokens.start : tokens.stop],
+                pos_emb[tokens.start : tokens.stop],
+            )
         for blk in self.blocks.values():
-            x = blk(x, emb, lora, context, rope, pos_emb, n_views)
+            x = blk(x, emb, lora, context, rope, pos_emb, n_views, tokens)
         x = self.final_layer(x, emb, lora)
+        if tokens is not None:
+            x = tokens.gather(x, 1)  # every process ends with the whole output
         p, pt = self.cfg.patch_spatial, self.cfg.patch_temporal
         return rearrange(x, "b (t h w) (p1 p2 r c) -> b c (t r) (h p1) (w p2)", t=tp, h=hp, w=wp, p1=p, p2=p, r=pt)
 

@@ -1,0 +1,113 @@
+"""Context parallelism for inference, applied from outside the model: the processes of a group share one sample's
+token sequence (views x frames x patches). Each keeps a contiguous slice of the tokens, computes its queries, and
+gathers every slice's keys and values for the joint self-attention (an all-gather per block, no ring): a rank does
+1/world of the attention and GEMM work, and the weights are replicated. Every rank ends each forward with the whole
+network output, so the sampler runs unchanged and in lockstep on every rank.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# traceable by torch.compile (a graph-friendly collective); renamed in torch 2.13
+_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+
+
+@dataclass
+class ContextParallel:
+    """What `MultiviewDiT.context_parallel` expects: rank, world and an all-gather along any dimension."""
+
+    group: dist.ProcessGroup
+    rank: int
+    world: int
+
+    @classmethod
+    def of(cls, group: dist.ProcessGroup | None = None) -> ContextParallel:
+        group = group or dist.group.WORLD
+        return cls(group, dist.get_rank(group), dist.get_world_size(group))
+
+    def all_gather(self, x: Tensor, dim: int, sizes: tuple[int, ...]) -> Tensor:
+        """x holds sizes[rank] entries along dim; returns the sum(sizes) entries of all ranks in rank order.
+        Uneven shares are padded to the largest for the collective and trimmed after it."""
+        top = max(sizes)
+        if x.shape[dim] < top:
+            pad = [0, 0] * (x.dim() - 1 - dim % x.dim()) + [0, top - x.shape[dim]]
+            x = F.pad(x, pad)
+        out = _all_gather(x.contiguous(), gather_dim=dim, group=self.group)
+        if min(sizes) == top:
+            return out
+        return torch.cat([p.narrow(dim, 0, s) for p, s in zip(out.split(top, dim=dim), sizes, strict=True)], dim=dim)
+
+
+def enable(net: nn.Module, group: dist.ProcessGroup | None = None) -> ContextParallel:
+    """Share the token sequence of `net` (a MultiviewDiT, or a model holding one as `.net`) over `group`."""
+    cp = ContextParallel.of(group)
+    getattr(net, "net", net).context_parallel = cp
+    return cp
+
+
+def disable(net: nn.Module) -> None:
+    getattr(net, "net", net).context_parallel = None
+
+
+@dataclass
+class Processes:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_processes(device: str) -> Processes:
+    """One process, or torchrun's group (NCCL, one GPU per local rank; gloo on the CPU). `device` is the requested
+    device type ("cuda", "cuda:1", "cpu"); under torchrun a CUDA device becomes cuda:<LOCAL_RANK>."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = torch.device(device)
+    if world == 1:
+        return Processes(0, 1, 0, dev)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    timeout = datetime.timedelta(seconds=int(os.environ.get("MVDIT_DIST_TIMEOUT", "1800")))
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timeout)
+    return Processes(dist.get_rank(), world, local_rank, dev)
+
+
+def finish() -> None:
+    """Leave the process group (if one was started), so that torchrun sees a clean exit."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_from_main(t: Tensor | None, shape, dtype: torch.dtype, procs: Processes) -> Tensor:
+    """Rank 0's tensor on every rank (others pass None and give the shape and dtype to receive)."""
+    if procs.world == 1:
+        return t
+    buf = t.contiguous() if procs.main else torch.empty(tuple(shape), dtype=dtype, device=procs.device)
+    if tuple(buf.shape) != tuple(shape) or buf.dtype != dtype:
+        raise ValueError(f"broadcast of {tuple(buf.shape)} {buf.dtype}, expected {tuple(shape)} {dtype}")
+    dist.broadcast(buf, src=0)
+    return buf
+
+
+def gather_floats(value: float, procs: Processes) -> list[float]:
+    """One number from every rank (e.g. peak memory), on every rank."""
+    if procs.world == 1:
+        return [value]
+    t = torch.tensor([value], dtype=torch.float64, device=procs.device)
+    out = [torch.empty_like(t) for _ in range(procs.world)]
+    dist.all_gather(out, t)
+    return [float(o.item()) for o in out]

@@ -1,0 +1,176 @@
+"""Context-parallel inference: processes that share one sample's tokens compute what one process computes.
+
+Two (or three) gloo processes on the CPU run the tiny network, the sampler and the whole infer.py, and are compared
+with one process: network outputs to float rounding, sampled latents and the written videos exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import yaml
+from safetensors.torch import load_file, save_file
+
+from mvdit import context_parallel
+from mvdit.config import get_preset
+from mvdit.constants import CAMERAS
+from mvdit.network import LocalTokens, MultiviewDiT, shard_bounds
+from mvdit.pipeline import generate
+from mvdit.tiny import build_tiny_assets
+from mvdit.video_io import read_video
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+DIT = "Cosmos-Predict1-7B-Video2World-Sample-AV-Multiview"
+
+# (views, latent frames per view, latent h, latent w): 5 views x 3 frames x 1x3 patches = 45 tokens, so two
+# processes hold 23 + 22 (uneven) and the split falls inside a view; 6 views x 2 x 2x3 = 72 splits on view edges.
+CASES = {"uneven_mid_view": (5, 3, 2, 6), "even_on_view_edges": (6, 2, 4, 6)}
+
+
+def test_shard_bounds_cover_the_sequence_in_order():
+    for n in (1, 7, 45, 76320):
+        for world in (1, 2, 3, 8):
+            bounds = [shard_bounds(n, r, world) for r in range(world)]
+            assert bounds[0][0] == 0 and bounds[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
+            sizes = [b - a for a, b in bounds]
+            assert max(sizes) - min(sizes) <= 1
+
+
+def test_view_segments_split_a_slice_at_view_edges():
+    toks = LocalTokens.split(45, 1, 2, all_gather=None)  # tokens 23..44 of 5 views of 9
+    assert (toks.start, toks.stop) == (23, 45)
+    assert toks.view_segments(5) == [(0, 4, 2), (4, 13, 3), (13, 22, 4)]
+    assert LocalTokens.split(72, 0, 2, None).view_segments(6) == [(0, 12, 0), (12, 24, 1), (24, 36, 2)]
+
+
+def tiny_net(seed: int = 0) -> MultiviewDiT:
+    net = MultiviewDiT(get_preset("tiny"))
+    net.init_weights(torch.Generator().manual_seed(seed))
+    return net.eval()
+
+
+def inputs(views: int, t: int, h: int, w: int, batch: int = 1) -> dict:
+    g = torch.Generator().manual_seed(1)
+    cfg = get_preset("tiny")
+    return {
+        "x": torch.randn(batch, 16, views * t, h, w, generator=g),
+        "timesteps": torch.full((batch,), 0.3),
+        "crossattn_emb": torch.randn(batch, views * 8, cfg.crossattn_emb_channels, generator=g),
+        "condition_video_input_mask": (torch.rand(batch, 1, views * t, h, w, generator=g) > 0.5).float(),
+        "fps": torch.full((batch,), 10.0),
+        "frame_repeat": torch.rand(batch, views, generator=g),
+        "n_views": views,
+        "view_indices": torch.arange(views),
+    }
+
+
+def _worker(rank: int, world: int, init: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        net = tiny_net()
+        context_parallel.enable(net)
+        results = {}
+        with torch.no_grad():
+            for name, shape in CASES.items():
+                results[name] = net(**inputs(*shape))
+                results[name + "_batch2"] = net(**inputs(*shape, batch=2))
+            gt = 0.5 * torch.randn(1, 16, 5 * 3, 2, 6, generator=torch.Generator().manual_seed(2))
+            text = torch.randn(1, 5 * 8, 1024, generator=torch.Generator().manual_seed(3))
+            results["sample"] = generate(net, gt, text, list(CAMERAS[:5]), 1, steps=3, guidance=3.0, progress=False)
+        save_file({k: v.contiguous() for k, v in results.items()}, f"{out_dir}/rank{rank}.safetensors")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_context_parallel_forward_and_sampling_match_one_process(tmp_path, world):
+    mp.start_processes(
+        _worker, args=(world, f"file://{tmp_path}/store", str(tmp_path)), nprocs=world, start_method="spawn"
+    )
+    torch.set_num_threads(1)
+    net = tiny_net()
+    got = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(world)]
+    with torch.no_grad():
+        for name, shape in CASES.items():
+            for suffix, batch in (("", 1), ("_batch2", 2)):
+                ref = net(**inputs(*shape, batch=batch))
+                for r in range(world):  # every rank ends with the whole output
+                    torch.testing.assert_close(got[r][name + suffix], ref, rtol=1e-5, atol=1e-5)
+                    assert torch.equal(got[r][name + suffix], got[0][name + suffix])  # and the same one
+        gt = 0.5 * torch.randn(1, 16, 5 * 3, 2, 6, generator=torch.Generator().manual_seed(2))
+        text = torch.randn(1, 5 * 8, 1024, generator=torch.Generator().manual_seed(3))
+        ref = generate(net, gt, text, list(CAMERAS[:5]), 1, steps=3, guidance=3.0, progress=False)
+    for r in range(world):
+        torch.testing.assert_close(got[r]["sample"], ref, rtol=1e-4, atol=1e-4)
+        assert torch.equal(got[r]["sample"], got[0]["sample"])
+
+
+def test_a_disabled_model_is_the_plain_model():
+    net = tiny_net()
+    with torch.no_grad():
+        ref = net(**inputs(*CASES["uneven_mid_view"]))
+        net.context_parallel = context_parallel.ContextParallel(group=None, rank=0, world=1)
+        assert torch.equal(net(**inputs(*CASES["uneven_mid_view"])), ref)  # world 1: nothing is split
+        context_parallel.disable(net)
+        assert net.context_parallel is None
+    assert "context_parallel" not in "".join(net.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------- infer.py end to end
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cp")
+    build_tiny_assets(d / "checkpoints")
+    exp = {
+        "name": "cp",
+        "checkpoint_dir": str(d / "checkpoints"),
+        "checkpoint_source": "tiny",
+        "model": {"preset": "tiny"},
+        "data": {"num_frames": 9, "height": 32, "width": 48, "text_len": 8},
+        "infer": {"steps": 3, "precision": "fp32", "checkpoint": "release"},
+    }
+    (d / "exp.yaml").write_text(yaml.safe_dump(exp))
+    return d
+
+
+def infer_cmd(tiny: Path, out: str, nproc: int) -> list[str]:
+    ck = tiny / "checkpoints"
+    args = ["--experiment", tiny / "exp.yaml", "--prompt-set", ROOT / "prompts/synthetic_highway.yaml"]
+    args += ["--checkpoint", ck / DIT / "model.pt", "--out-dir", tiny / out, "--project-root", ROOT]
+    args += ["--tokenizer-dir", ck / "Cosmos-Tokenize1-CV8x8x8-720p", "--t5-dir", ck / "google-t5/t5-11b"]
+    args += ["--cache-dir", tiny / "t5_cache", "--device", "cpu"]
+    prog = [SRC / "infer.py", *args]
+    cmd = [sys.executable, *prog] if nproc == 1 else [sys.executable, SRC / "launch.py", "--nproc", nproc, "--", *prog]
+    return [str(c) for c in cmd]
+
+
+def test_infer_with_two_processes_writes_the_same_videos_as_one(tiny):
+    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    one = subprocess.run(infer_cmd(tiny, "one", 1), capture_output=True, text=True, timeout=600, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(infer_cmd(tiny, "two", 2), capture_output=True, text=True, timeout=600, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    for cam in CAMERAS:
+        a, b = read_video(tiny / "one" / f"{cam}.mp4")[0], read_video(tiny / "two" / f"{cam}.mp4")[0]
+        assert a.shape == b.shape and a.shape[0] == 9
+        assert np.array_equal(a, b), f"{cam}: max difference {np.abs(a.astype(int) - b.astype(int)).max()}"
+    m1 = json.loads((tiny / "one/synthetic_highway.json").read_text())
+    m2 = json.loads((tiny / "two/synthetic_highway.json").read_text())
+    assert m1["context_parallel"] == 1 and m2["context_parallel"] == 2
+    assert m1["latent_sha256"] == m2["latent_sha256"]
+    # only the main process writes: one set of files, no per-rank leftovers
+    assert sorted(p.name for p in (tiny / "two").iterdir()) == sorted(p.name for p in (tiny / "one").iterdir())
