@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 H100_PEAK = 989e12  # dense bf16 peak of an H100 SXM, FLOP/s (perf.md)
-DATE = "2026-11-25"
+DATE = datetime.date.today().isoformat()  # the run's own date (UTC machine clock)
 
 try:
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -281,7 +281,9 @@ def fused_qk_norm_rope():
         _compiled_qk = torch.compile(_qk_norm_rope, dynamic=False, fullgraph=True)
     orig = network.Attention.forward
 
-    def forward(self, x, context=None, rope=None, n_groups=1):
+    def forward(self, x, context=None, rope=None, n_groups=1, tokens=None):
+        if tokens is not None:  # context parallelism: the package's own path
+            return orig(self, x, context, rope, n_groups, tokens)
         ctx = x if context is None else context
         q, k = _compiled_qk(
             self.to_q[0](x), self.to_k[0](ctx), self.to_q[1].weight, self.to_k[1].weight, rope, self.num_heads

@@ -241,3 +241,26 @@ def test_a_signal_before_the_workers_registered_still_stops_them(setup):
     code, err = wait(p)
     assert code == 3, why(err)
     assert (out / "checkpoints/latest_checkpoint.txt").read_text().strip() == "iter_000000001.pt"
+
+
+def test_on_stop_terminate_ends_programs_that_have_nothing_to_save(tmp_path):
+    prog = tmp_path / "sleeper.py"
+    prog.write_text(
+        "import os, time, pathlib\n"
+        f"pathlib.Path(r'{tmp_path}', 'rank' + os.environ['RANK']).write_text(str(os.getpid()))\n"
+        "time.sleep(300)\n"
+    )
+    cmd = [sys.executable, SRC / "launch.py", "--nproc", "2", "--on-stop", "terminate", "--", prog]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    p = subprocess.Popen([str(c) for c in cmd], stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not all((tmp_path / f"rank{r}").exists() for r in (0, 1)):
+        time.sleep(0.05)
+    pids = [int((tmp_path / f"rank{r}").read_text()) for r in (0, 1)]
+    t0 = time.monotonic()
+    p.send_signal(signal.SIGTERM)  # to launch.py alone, as Snakemake or a user would
+    code, err = wait(p, timeout=60)
+    assert code != 0 and time.monotonic() - t0 < 30
+    assert "stopping the processes (nothing to save)" in err
+    for pid in pids:  # the workers are gone too
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()

@@ -1,0 +1,230 @@
+"""Context-parallel inference of the 7B DiT (`mvdit.context_parallel`): per-GPU compute, communication, and the
+P-GPU time of a 35-step sample with guidance.
+
+One GPU (emulated ranks): for each P in --worlds, rank 0's share of a P-way forward is timed: its N/P tokens through
+every block, with a stand-in all-gather that writes the gathered keys/values locally (same shapes and bytes written;
+values do not change the speed). The all-gather's link time is modelled from --link-gbps (NCCL all-gather bus
+bandwidth) and added without overlap (an upper bound): that is the projection.
+Several GPUs (torchrun --nproc_per_node P): the real NCCL forward is timed, and one block's key/value all-gather on
+its own (measured communication); the speed-up over one GPU is measured directly.
+
+One H100/H200:  PYTHONPATH=src python benchmarks/infer_cp.py --out benchmarks/results/infer_cp.json
+8 GPUs:         PYTHONPATH=src torchrun --nproc_per_node 8 benchmarks/infer_cp.py --out infer_cp_8.json
+CPU smoke test: PYTHONPATH=src python benchmarks/infer_cp.py --preset tiny --height 64 --width 96 --frames 17 \\
+                    --device cpu --worlds 1,2 --out /tmp/cp.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common as C  # noqa: E402
+
+from mvdit import context_parallel  # noqa: E402
+from mvdit.config import get_preset  # noqa: E402
+from mvdit.edm import Condition, condition_indicator, run_net  # noqa: E402
+from mvdit.network import LocalTokens, MultiviewDiT  # noqa: E402
+
+PERF_MD = {"sample_35_floor_1gpu_s": [402, 421], "sample_35_floor_8gpu_ideal_s": [50, 53], "upstream_8gpu_step_s": 3.7}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    C.add_shape_args(p)
+    p.add_argument("--worlds", default="1,2,4,8", help="process counts to emulate on one GPU")
+    p.add_argument("--steps", type=int, default=35)
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--compile", default="eager,compiled", help="eager, compiled or both")
+    p.add_argument("--link-gbps", type=float, default=360.0, help="all-gather bus bandwidth per GPU, GB/s (model)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--budget-s", type=float, default=0, help="start no new measurement after this many seconds")
+    p.add_argument("--out", default=None)
+    return p.parse_args(argv)
+
+
+class LocalGather:
+    """Stand-in for ContextParallel on one GPU: rank 0 of `world`; the 'gathered' tensor repeats the local slice
+    (rank 0 holds the largest share) and is trimmed to the real total, so every shape and write matches."""
+
+    def __init__(self, world: int):
+        self.rank, self.world = 0, world
+
+    def all_gather(self, x, dim, sizes):
+        return torch.cat([x] * self.world, dim=dim).narrow(dim, 0, sum(sizes))
+
+
+def sdpa_shard_ceilings(dev, dtype, n: int, world: int, heads: int, hd: int) -> dict:
+    """Fused SDPA forward of one rank's queries (n / world) over all n keys, per backend: the fastest is used."""
+    g = torch.Generator(device=dev).manual_seed(0)
+    nq = -(-n // world)
+    q = torch.randn(1, heads, nq, hd, device=dev, dtype=dtype, generator=g)
+    k, v = (torch.randn(1, heads, n, hd, device=dev, dtype=dtype, generator=g) for _ in range(2))
+    fl = 4 * nq * n * hd * heads
+    out = {"shape_q": list(q.shape), "shape_kv": list(k.shape), "default_choice": C.sdpa_choice(q, k, v)}
+    names = ["default", "cudnn", "flash", "efficient"] if dev.startswith("cuda") else ["default"]
+    for name in names:
+        try:
+            with C.sdpa_backend(name):
+                t = C.time_ms(functools.partial(F.scaled_dot_product_attention, q, k, v), dev, reps=3, warmup=1)
+            out[name] = {"ms": C.med(t), "tflops": fl / (C.med(t) * 1e-3) / 1e12}
+        except Exception as e:  # noqa: BLE001 - a backend that cannot run this shape
+            out[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    ok = {k: v for k, v in out.items() if isinstance(v, dict) and "ms" in v}
+    out["fastest"] = min(ok, key=lambda k: ok[k]["ms"]) if ok else "default"
+    return out
+
+
+def waited(t):
+    """The collective's result, waited for (funcol returns it before the transfer ends)."""
+    return t.wait() if hasattr(t, "wait") else t
+
+
+def comm_model(cfg, n: int, world: int, batch: int, link_gbps: float, bytes_per: int) -> dict:
+    """Bytes each rank receives per forward: every block's keys and values, and the final output, (P-1)/P of each."""
+    kv = 2 * batch * n * cfg.model_channels * bytes_per
+    final = batch * n * cfg.patch_spatial**2 * cfg.out_channels * bytes_per
+    recv = (cfg.num_blocks * kv + final) * (world - 1) / world
+    return {"kv_bytes_per_block": kv, "recv_bytes_per_forward": recv, "ms": recv / (link_gbps * 1e9) * 1e3}
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    t_start = time.time()
+    real_world = int(os.environ.get("WORLD_SIZE", "1"))
+    procs = context_parallel.init_processes(a.device)
+    dev = str(procs.device)
+    dtype = getattr(torch, a.dtype) if dev.startswith("cuda") else torch.float32
+    main_proc = procs.main
+    say = print if main_proc else (lambda *_, **__: None)
+    cfg = get_preset(a.preset)
+    shape = C.latent_shape(a.views, a.frames, a.height, a.width)
+    fl = C.dit_flops(cfg, a.views, a.frames, a.height, a.width, a.text_len)
+    n = fl["tokens"]
+    res = {
+        "benchmark": "infer_cp",
+        "env": C.env_info(dev),
+        "args": vars(a),
+        "processes": real_world,
+        "shapes": {"latent": list(shape), "tokens": n, "dtype": str(dtype)},
+        "flops": fl,
+        "perf_md": PERF_MD,
+        "results": {},
+    }
+    say(f"[cp] {res['env']['device_name']} torch {torch.__version__} tokens {n} processes {real_world}", flush=True)
+    out_path = a.out if main_proc else None
+
+    net = C.build_random(MultiviewDiT, cfg, dev, dtype).eval()
+    net.requires_grad_(False)
+    g = torch.Generator(device=dev).manual_seed(0)
+    v, t_lat = a.views, shape[2] // a.views
+    gt = (0.5 * torch.randn(shape, device=dev, generator=g)).to(dtype)
+    cond = Condition(
+        gt_latent=gt,
+        indicator=condition_indicator(v, t_lat, min(2, t_lat), dtype=dtype, device=dev),
+        crossattn_emb=torch.randn(1, v * a.text_len, cfg.crossattn_emb_channels, device=dev, generator=g).to(dtype),
+        n_views=v,
+        fps=torch.tensor([24.0], device=dev, dtype=dtype),
+        padding_mask=torch.zeros(1, 1, *shape[-2:], device=dev, dtype=dtype),
+    )
+    x = (40.0 * torch.randn(shape, device=dev, generator=g)).to(dtype)
+    sigma = torch.tensor(40.0, device=dev)
+
+    def forward():
+        with torch.no_grad():
+            return run_net(net, x, sigma, cond)
+
+    # with several processes: each alone first (the one-GPU baseline, all GPUs at once), then all together
+    worlds = [1, real_world] if real_world > 1 else [int(w) for w in a.worlds.split(",") if w]
+    modes = [m for m in a.compile.split(",") if m]
+    bytes_per = torch.finfo(dtype).bits // 8
+    base_ms: dict[str, float] = {}
+    for world in worlds:
+        sd = sdpa_shard_ceilings(dev, dtype, n, world, cfg.num_heads, cfg.head_dim)
+        say(
+            f"[sdpa] P={world} q {sd['shape_q']} kv {sd['shape_kv']}: "
+            + ", ".join(f"{k} {v_['ms']:.1f} ms" for k, v_ in sd.items() if isinstance(v_, dict) and "ms" in v_)
+            + f" -> {sd['fastest']}",
+            flush=True,
+        )
+        if world == 1:
+            net.context_parallel = None
+            comm = {"ms": 0.0}
+        elif real_world > 1:
+            cp = context_parallel.enable(net)
+            toks = LocalTokens.split(n, procs.rank, world, cp.all_gather)
+            kv = torch.randn(2, 1, cfg.num_heads, toks.stop - toks.start, cfg.head_dim, device=dev, dtype=dtype)
+            t = C.time_ms(lambda kv=kv, toks=toks: waited(toks.gather(kv, 3)), dev, reps=5, warmup=2)
+            comm = {"measured_ms_per_block": C.med(t), "kv_bytes_per_block": kv.numel() * bytes_per * world}
+            comm["measured_ms"] = comm["measured_ms_per_block"] * cfg.num_blocks
+            comm["bus_gbps"] = comm["kv_bytes_per_block"] * (world - 1) / world / (C.med(t) * 1e-3) / 1e9
+        else:
+            net.context_parallel = LocalGather(world) if world > 1 else None
+            comm = comm_model(cfg, n, world, 1, a.link_gbps, bytes_per) | {"modelled_at_gbps": a.link_gbps}
+        for mode in modes:
+            key = f"P{world}_{mode}"
+            if a.budget_s and time.time() - t_start > a.budget_s:
+                res["results"][key] = {"skipped": "time budget"}
+                continue
+            r = {"world": world, "mode": mode, "sdpa": sd, "comm": comm}
+            res["results"][key] = r
+            try:
+                with contextlib.ExitStack() as stack:
+                    stack.enter_context(C.sdpa_backend(sd["fastest"]))
+                    if mode == "compiled":
+                        stack.enter_context(C.compiled_blocks(net))
+                    C.mem_reset(dev)
+                    t0 = time.perf_counter()
+                    forward()
+                    C.sync(dev)
+                    r["first_call_s"] = time.perf_counter() - t0
+                    t = C.time_ms(forward, dev, reps=a.reps, warmup=0)
+                    r.update(C.mem_peak_gib(dev))
+                r["forward_ms"] = t
+                fwd = C.med(t)
+                r["forward_ms_median"] = fwd
+                r["tflops_per_gpu"] = fl["forward"] / world / (fwd * 1e-3) / 1e12
+                if real_world > 1 or world == 1:
+                    r["projected_forward_ms"] = fwd  # measured end to end, communication included
+                else:
+                    r["projected_forward_ms"] = fwd + comm["ms"]  # no overlap assumed: an upper bound
+                r["sample_s"] = 2 * a.steps * r["projected_forward_ms"] * 1e-3
+                r["mfu_per_gpu"] = fl["forward"] / world / (r["projected_forward_ms"] * 1e-3 * C.H100_PEAK)
+                if world == 1:
+                    base_ms[mode] = r["projected_forward_ms"]
+                if mode in base_ms:
+                    r["speedup_vs_1gpu"] = base_ms[mode] / r["projected_forward_ms"]
+                    r["scaling_efficiency"] = r["speedup_vs_1gpu"] / world
+                comm_ms = comm.get("ms", comm.get("measured_ms", 0.0))
+                say(
+                    f"[fwd] P={world} {mode:8s} compute {fwd:8.1f} ms  comm {comm_ms:6.1f} ms"
+                    f"  -> forward {r['projected_forward_ms']:8.1f} ms, {a.steps}-step CFG {r['sample_s']:6.1f} s"
+                    f"  MFU/GPU {r['mfu_per_gpu']:.3f}  speed-up {r.get('speedup_vs_1gpu', float('nan')):.2f}x"
+                    f"  peak {r.get('peak_allocated_gib', float('nan')):.1f} GiB  first {r['first_call_s']:.1f} s",
+                    flush=True,
+                )
+            except Exception as e:  # noqa: BLE001 - record and go on
+                r["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+                say(f"[fwd] {key} FAILED: {r['error']}", flush=True)
+                if C.is_oom(e) and dev.startswith("cuda"):
+                    torch.cuda.empty_cache()
+            C.save_json(out_path, res)
+    res["total_s"] = time.time() - t_start
+    C.save_json(out_path, res)
+    say(f"[cp] done in {res['total_s']:.0f} s", flush=True)
+    context_parallel.finish()
+    return res
+
+
+if __name__ == "__main__":
+    main()

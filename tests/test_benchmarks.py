@@ -1,0 +1,60 @@
+"""The benchmark scripts run (CPU smoke tests on the tiny preset) and write the JSON that BENCHMARKS.md is built
+from: the context-parallel benchmark emulated on one device and for real with two gloo processes."""
+
+import json
+import os
+import subprocess
+import sys
+
+from .conftest import ROOT
+
+SMALL = ["--preset", "tiny", "--height", "64", "--width", "96", "--frames", "17", "--device", "cpu"]
+
+
+def run(cmd, tmp_path):
+    env = os.environ | {"PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r
+
+
+def test_context_parallel_benchmark_emulates_ranks_on_one_device(tmp_path):
+    out = tmp_path / "cp.json"
+    run(
+        [
+            sys.executable,
+            ROOT / "benchmarks/infer_cp.py",
+            *SMALL,
+            "--worlds",
+            "1,2,3",
+            "--compile",
+            "eager",
+            "--link-gbps",
+            "100",
+            "--out",
+            out,
+        ],
+        tmp_path,
+    )
+    res = json.loads(out.read_text())
+    r1, r3 = res["results"]["P1_eager"], res["results"]["P3_eager"]
+    assert r1["speedup_vs_1gpu"] == 1.0 and r1["comm"]["ms"] == 0.0
+    # 3 ranks: each receives 2/3 of every block's keys and values plus the output, at the modelled bandwidth
+    cfg_blocks, tokens, width = 2, res["shapes"]["tokens"], 128
+    kv = 2 * tokens * width * 4  # fp32 on the CPU
+    assert r3["comm"]["kv_bytes_per_block"] == kv
+    assert abs(r3["comm"]["recv_bytes_per_forward"] - (cfg_blocks * kv + tokens * 64 * 4) * 2 / 3) < 1
+    assert abs(r3["projected_forward_ms"] - r3["forward_ms_median"] - r3["comm"]["recv_bytes_per_forward"] / 1e8) < 1e-6
+    assert r3["sample_s"] == 2 * 35 * r3["projected_forward_ms"] / 1e3
+    assert r3["sdpa"]["shape_q"][2] == -(-tokens // 3) and r3["sdpa"]["shape_kv"][2] == tokens
+
+
+def test_context_parallel_benchmark_measures_real_processes(tmp_path):
+    out = tmp_path / "cp2.json"
+    bench = [ROOT / "benchmarks/infer_cp.py", *SMALL, "--compile", "eager", "--out", out]
+    run([sys.executable, ROOT / "src/launch.py", "--nproc", "2", "--on-stop", "terminate", "--", *bench], tmp_path)
+    res = json.loads(out.read_text())
+    assert res["processes"] == 2 and set(res["results"]) == {"P1_eager", "P2_eager"}
+    comm = res["results"]["P2_eager"]["comm"]
+    assert comm["measured_ms_per_block"] > 0 and comm["bus_gbps"] > 0
+    assert res["results"]["P2_eager"]["speedup_vs_1gpu"] > 0
