@@ -1,12 +1,14 @@
 """Context-parallel inference of the 7B DiT (`mvdit.context_parallel`): per-GPU compute, communication, and the
 P-GPU time of a 35-step sample with guidance.
 
+Both ways of sharing self-attention are measured: "ulysses" (all-to-all of q, k, v and the output over heads) and
+"allgather" (every rank gathers all keys and values).
 One GPU (emulated ranks): for each P in --worlds, rank 0's share of a P-way forward is timed: its N/P tokens through
-every block, with a stand-in all-gather that writes the gathered keys/values locally (same shapes and bytes written;
-values do not change the speed). The all-gather's link time is modelled from --link-gbps (NCCL all-gather bus
-bandwidth) and added without overlap (an upper bound): that is the projection.
-Several GPUs (torchrun --nproc_per_node P): the real NCCL forward is timed, and one block's key/value all-gather on
-its own (measured communication); the speed-up over one GPU is measured directly.
+every block, with stand-in collectives that write their outputs locally (same shapes and bytes written; values do
+not change the speed). The link time is modelled from --link-gbps (NCCL bus bandwidth per GPU) and added without
+overlap (an upper bound): that is the projection.
+Several GPUs (torchrun --nproc_per_node P): the real NCCL forward is timed, and one block's collectives on their
+own (measured communication); the speed-up over one GPU is measured directly.
 
 One H100/H200:  PYTHONPATH=src python benchmarks/infer_cp.py --out benchmarks/results/infer_cp.json
 8 GPUs:         PYTHONPATH=src torchrun --nproc_per_node 8 benchmarks/infer_cp.py --out infer_cp_8.json
@@ -45,6 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=35)
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--compile", default="eager,compiled", help="eager, compiled or both")
+    p.add_argument("--cp-modes", default="ulysses,allgather", help="context-parallel modes to measure")
     p.add_argument("--link-gbps", type=float, default=360.0, help="all-gather bus bandwidth per GPU, GB/s (model)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16")
@@ -54,14 +57,21 @@ def parse_args(argv=None):
 
 
 class LocalGather:
-    """Stand-in for ContextParallel on one GPU: rank 0 of `world`; the 'gathered' tensor repeats the local slice
-    (rank 0 holds the largest share) and is trimmed to the real total, so every shape and write matches."""
+    """Stand-in for ContextParallel on one GPU: rank 0 of `world` (it holds the largest share). Each collective
+    builds its output from the local data (repeated, then trimmed), so every shape and write matches."""
 
-    def __init__(self, world: int):
-        self.rank, self.world = 0, world
+    def __init__(self, world: int, mode: str):
+        self.rank, self.world, self.mode = 0, world, mode
 
     def all_gather(self, x, dim, sizes):
         return torch.cat([x] * self.world, dim=dim).narrow(dim, 0, sum(sizes))
+
+    def heads_to_tokens(self, x, sizes):
+        hp = x.shape[2] // self.world
+        return torch.cat([x[:, :, :hp]] * self.world, dim=3).narrow(3, 0, sum(sizes))
+
+    def tokens_to_heads(self, x, sizes):
+        return torch.cat([x.narrow(2, 0, sizes[self.rank])] * self.world, dim=1)
 
 
 def sdpa_shard_ceilings(dev, dtype, n: int, world: int, heads: int, hd: int) -> dict:
@@ -90,12 +100,15 @@ def waited(t):
     return t.wait() if hasattr(t, "wait") else t
 
 
-def comm_model(cfg, n: int, world: int, batch: int, link_gbps: float, bytes_per: int) -> dict:
-    """Bytes each rank receives per forward: every block's keys and values, and the final output, (P-1)/P of each."""
-    kv = 2 * batch * n * cfg.model_channels * bytes_per
+def comm_model(cfg, n: int, world: int, mode: str, link_gbps: float, bytes_per: int, batch: int = 1) -> dict:
+    """Bytes each rank receives per forward, and their time at link_gbps. allgather: every block's keys and values,
+    (P-1)/P of 2 N D; ulysses: q, k, v and the output of its N/P tokens, (P-1)/P of 4 N D / P. Plus the final output
+    gather (all modes)."""
+    d = cfg.model_channels
+    per_block = 2 * batch * n * d * bytes_per if mode == "allgather" else 4 * batch * n * d * bytes_per / world
     final = batch * n * cfg.patch_spatial**2 * cfg.out_channels * bytes_per
-    recv = (cfg.num_blocks * kv + final) * (world - 1) / world
-    return {"kv_bytes_per_block": kv, "recv_bytes_per_forward": recv, "ms": recv / (link_gbps * 1e9) * 1e3}
+    recv = (cfg.num_blocks * per_block + final) * (world - 1) / world
+    return {"bytes_per_block": per_block, "recv_bytes_per_forward": recv, "ms": recv / (link_gbps * 1e9) * 1e3}
 
 
 def main(argv=None):
@@ -149,34 +162,58 @@ def main(argv=None):
     modes = [m for m in a.compile.split(",") if m]
     bytes_per = torch.finfo(dtype).bits // 8
     base_ms: dict[str, float] = {}
+    plans = []  # (world, context-parallel mode)
     for world in worlds:
-        sd = sdpa_shard_ceilings(dev, dtype, n, world, cfg.num_heads, cfg.head_dim)
-        say(
-            f"[sdpa] P={world} q {sd['shape_q']} kv {sd['shape_kv']}: "
-            + ", ".join(f"{k} {v_['ms']:.1f} ms" for k, v_ in sd.items() if isinstance(v_, dict) and "ms" in v_)
-            + f" -> {sd['fastest']}",
-            flush=True,
-        )
+        cps = ["none"] if world == 1 else [m for m in a.cp_modes.split(",") if m]
+        plans += [(world, m) for m in cps if m != "ulysses" or cfg.num_heads % world == 0]
+    shard_sdpa: dict[int, dict] = {}
+    for world, cp_mode in plans:
+        if world not in shard_sdpa:
+            sd = sdpa_shard_ceilings(dev, dtype, n, world, cfg.num_heads, cfg.head_dim)
+            shard_sdpa[world] = sd
+            say(
+                f"[sdpa] P={world} q {sd['shape_q']} kv {sd['shape_kv']}: "
+                + ", ".join(f"{k} {v_['ms']:.1f} ms" for k, v_ in sd.items() if isinstance(v_, dict) and "ms" in v_)
+                + f" -> {sd['fastest']}",
+                flush=True,
+            )
+        sd = shard_sdpa[world]
         if world == 1:
             net.context_parallel = None
             comm = {"ms": 0.0}
         elif real_world > 1:
-            cp = context_parallel.enable(net)
-            toks = LocalTokens.split(n, procs.rank, world, cp.all_gather)
-            kv = torch.randn(2, 1, cfg.num_heads, toks.stop - toks.start, cfg.head_dim, device=dev, dtype=dtype)
-            t = C.time_ms(lambda kv=kv, toks=toks: waited(toks.gather(kv, 3)), dev, reps=5, warmup=2)
-            comm = {"measured_ms_per_block": C.med(t), "kv_bytes_per_block": kv.numel() * bytes_per * world}
+            cp = context_parallel.enable(net, mode=cp_mode)
+            toks = LocalTokens.split(n, procs.rank, world, cp, cp_mode == "ulysses")
+            hd, nl = cfg.head_dim, toks.stop - toks.start
+            if cp_mode == "ulysses":
+                qkv = torch.randn(3, 1, cfg.num_heads, nl, hd, device=dev, dtype=dtype)
+                o = torch.randn(1, cfg.num_heads // world, n, hd, device=dev, dtype=dtype)
+
+                def block_comm(qkv=qkv, o=o, toks=toks):
+                    waited(toks.comm.heads_to_tokens(qkv, toks.sizes))
+                    return waited(toks.comm.tokens_to_heads(o, toks.sizes))
+
+                per_block = 4 * n * cfg.model_channels * bytes_per / world
+            else:
+                kv = torch.randn(2, 1, cfg.num_heads, nl, hd, device=dev, dtype=dtype)
+
+                def block_comm(kv=kv, toks=toks):
+                    return waited(toks.gather(kv, 3))
+
+                per_block = 2 * n * cfg.model_channels * bytes_per
+            t = C.time_ms(block_comm, dev, reps=5, warmup=2)
+            comm = {"measured_ms_per_block": C.med(t), "bytes_per_block": per_block}
             comm["measured_ms"] = comm["measured_ms_per_block"] * cfg.num_blocks
-            comm["bus_gbps"] = comm["kv_bytes_per_block"] * (world - 1) / world / (C.med(t) * 1e-3) / 1e9
+            comm["bus_gbps"] = per_block * (world - 1) / world / (C.med(t) * 1e-3) / 1e9
         else:
-            net.context_parallel = LocalGather(world) if world > 1 else None
-            comm = comm_model(cfg, n, world, 1, a.link_gbps, bytes_per) | {"modelled_at_gbps": a.link_gbps}
+            net.context_parallel = LocalGather(world, cp_mode)
+            comm = comm_model(cfg, n, world, cp_mode, a.link_gbps, bytes_per) | {"modelled_at_gbps": a.link_gbps}
         for mode in modes:
-            key = f"P{world}_{mode}"
+            key = f"P{world}_{mode}" if world == 1 else f"P{world}_{cp_mode}_{mode}"
             if a.budget_s and time.time() - t_start > a.budget_s:
                 res["results"][key] = {"skipped": "time budget"}
                 continue
-            r = {"world": world, "mode": mode, "sdpa": sd, "comm": comm}
+            r = {"world": world, "context_parallel": cp_mode, "mode": mode, "sdpa": sd, "comm": comm}
             res["results"][key] = r
             try:
                 with contextlib.ExitStack() as stack:
@@ -207,7 +244,7 @@ def main(argv=None):
                     r["scaling_efficiency"] = r["speedup_vs_1gpu"] / world
                 comm_ms = comm.get("ms", comm.get("measured_ms", 0.0))
                 say(
-                    f"[fwd] P={world} {mode:8s} compute {fwd:8.1f} ms  comm {comm_ms:6.1f} ms"
+                    f"[fwd] P={world} {cp_mode:9s} {mode:8s} compute {fwd:8.1f} ms  comm {comm_ms:6.1f} ms"
                     f"  -> forward {r['projected_forward_ms']:8.1f} ms, {a.steps}-step CFG {r['sample_s']:6.1f} s"
                     f"  MFU/GPU {r['mfu_per_gpu']:.3f}  speed-up {r.get('speedup_vs_1gpu', float('nan')):.2f}x"
                     f"  peak {r.get('peak_allocated_gib', float('nan')):.1f} GiB  first {r['first_call_s']:.1f} s",

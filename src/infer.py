@@ -158,8 +158,13 @@ def run(args: argparse.Namespace) -> None:
         )
     model.eval()
     if procs.world > 1:
-        context_parallel.enable(model)
-        log.info("context parallelism over %d processes: each holds 1/%d of the tokens", procs.world, procs.world)
+        context_parallel.enable(model, mode=inf["context_parallel"])
+        log.info(
+            "context parallelism (%s) over %d processes: each holds 1/%d of the tokens",
+            inf["context_parallel"],
+            procs.world,
+            procs.world,
+        )
     if inf["compile"]:
         compile_blocks(model.net)
     ckpt_sha = sha256_of(args.checkpoint) if main_proc else None
@@ -238,6 +243,7 @@ def run(args: argparse.Namespace) -> None:
             "device": str(dev),
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
             "context_parallel": procs.world,
+            "context_parallel_mode": inf["context_parallel"] if procs.world > 1 else None,
             "dtype": str(dtype),
             "resolution": [d["height"], d["width"]],
             "frames_per_view": f,

@@ -37,16 +37,19 @@ def test_context_parallel_benchmark_emulates_ranks_on_one_device(tmp_path):
         tmp_path,
     )
     res = json.loads(out.read_text())
-    r1, r3 = res["results"]["P1_eager"], res["results"]["P3_eager"]
+    assert set(res["results"]) == {"P1_eager", "P2_ulysses_eager", "P2_allgather_eager", "P3_allgather_eager"}
+    r1, r3 = res["results"]["P1_eager"], res["results"]["P3_allgather_eager"]
     assert r1["speedup_vs_1gpu"] == 1.0 and r1["comm"]["ms"] == 0.0
     # 3 ranks: each receives 2/3 of every block's keys and values plus the output, at the modelled bandwidth
     cfg_blocks, tokens, width = 2, res["shapes"]["tokens"], 128
     kv = 2 * tokens * width * 4  # fp32 on the CPU
-    assert r3["comm"]["kv_bytes_per_block"] == kv
+    assert r3["comm"]["bytes_per_block"] == kv
     assert abs(r3["comm"]["recv_bytes_per_forward"] - (cfg_blocks * kv + tokens * 64 * 4) * 2 / 3) < 1
     assert abs(r3["projected_forward_ms"] - r3["forward_ms_median"] - r3["comm"]["recv_bytes_per_forward"] / 1e8) < 1e-6
     assert r3["sample_s"] == 2 * 35 * r3["projected_forward_ms"] / 1e3
     assert r3["sdpa"]["shape_q"][2] == -(-tokens // 3) and r3["sdpa"]["shape_kv"][2] == tokens
+    # ulysses moves q, k, v and the output of the local tokens: 4 N D / P per block instead of 2 N D
+    assert res["results"]["P2_ulysses_eager"]["comm"]["bytes_per_block"] == 4 * tokens * width * 4 / 2
 
 
 def test_context_parallel_benchmark_measures_real_processes(tmp_path):
@@ -54,7 +57,9 @@ def test_context_parallel_benchmark_measures_real_processes(tmp_path):
     bench = [ROOT / "benchmarks/infer_cp.py", *SMALL, "--compile", "eager", "--out", out]
     run([sys.executable, ROOT / "src/launch.py", "--nproc", "2", "--on-stop", "terminate", "--", *bench], tmp_path)
     res = json.loads(out.read_text())
-    assert res["processes"] == 2 and set(res["results"]) == {"P1_eager", "P2_eager"}
-    comm = res["results"]["P2_eager"]["comm"]
-    assert comm["measured_ms_per_block"] > 0 and comm["bus_gbps"] > 0
-    assert res["results"]["P2_eager"]["speedup_vs_1gpu"] > 0
+    assert res["processes"] == 2
+    assert set(res["results"]) == {"P1_eager", "P2_ulysses_eager", "P2_allgather_eager"}
+    for key in ("P2_ulysses_eager", "P2_allgather_eager"):
+        comm = res["results"][key]["comm"]
+        assert comm["measured_ms_per_block"] > 0 and comm["bus_gbps"] > 0
+        assert res["results"][key]["speedup_vs_1gpu"] > 0

@@ -48,7 +48,7 @@ def test_shard_bounds_cover_the_sequence_in_order():
 
 
 def test_view_segments_split_a_slice_at_view_edges():
-    toks = LocalTokens.split(45, 1, 2, all_gather=None)  # tokens 23..44 of 5 views of 9
+    toks = LocalTokens.split(45, 1, 2, comm=None)  # tokens 23..44 of 5 views of 9
     assert (toks.start, toks.stop) == (23, 45)
     assert toks.view_segments(5) == [(0, 4, 2), (4, 13, 3), (13, 22, 4)]
     assert LocalTokens.split(72, 0, 2, None).view_segments(6) == [(0, 12, 0), (12, 24, 1), (24, 36, 2)]
@@ -75,12 +75,12 @@ def inputs(views: int, t: int, h: int, w: int, batch: int = 1) -> dict:
     }
 
 
-def _worker(rank: int, world: int, init: str, out_dir: str) -> None:
+def _worker(rank: int, world: int, init: str, out_dir: str, mode: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         net = tiny_net()
-        context_parallel.enable(net)
+        context_parallel.enable(net, mode=mode)
         results = {}
         with torch.no_grad():
             for name, shape in CASES.items():
@@ -94,11 +94,11 @@ def _worker(rank: int, world: int, init: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_context_parallel_forward_and_sampling_match_one_process(tmp_path, world):
-    mp.start_processes(
-        _worker, args=(world, f"file://{tmp_path}/store", str(tmp_path)), nprocs=world, start_method="spawn"
-    )
+@pytest.mark.parametrize("world, mode", [(2, "ulysses"), (2, "allgather"), (3, "allgather"), (4, "auto")])
+def test_context_parallel_forward_and_sampling_match_one_process(tmp_path, world, mode):
+    """The tiny model has 4 heads: ulysses for 2 and 4 processes (auto picks it for 4), allgather for 3."""
+    args = (world, f"file://{tmp_path}/store", str(tmp_path), mode)
+    mp.start_processes(_worker, args=args, nprocs=world, start_method="spawn")
     torch.set_num_threads(1)
     net = tiny_net()
     got = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(world)]
@@ -115,6 +115,15 @@ def test_context_parallel_forward_and_sampling_match_one_process(tmp_path, world
     for r in range(world):
         torch.testing.assert_close(got[r]["sample"], ref, rtol=1e-4, atol=1e-4)
         assert torch.equal(got[r]["sample"], got[0]["sample"])
+
+
+def test_ulysses_refuses_a_process_count_that_does_not_divide_the_heads():
+    net = tiny_net()
+    net.context_parallel = context_parallel.ContextParallel(group=None, rank=0, world=3, mode="ulysses")
+    with pytest.raises(ValueError, match="3 processes to divide 4 heads"):
+        net(**inputs(*CASES["uneven_mid_view"]))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        context_parallel.ContextParallel.of(None, mode="ring")
 
 
 def test_a_disabled_model_is_the_plain_model():

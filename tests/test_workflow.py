@@ -123,6 +123,7 @@ def test_default_is_the_tiny_demo_and_plans_evaluation(tmp_path):
         ("name: x\ndata: {num_frames: 10}\n", "data.num_frames: 10 is not 1 + 8k"),
         ("name: x\nmodel: {preset: tiny, overrides: {n_views: 4}}\n", "6 views but the model has 4"),
         ("name: x\ninfer: {nproc: 2}\nresources: {infer: {gpus: 2}}\n", "resources.infer.gpus: 2 GPUs per process"),
+        ("name: x\ninfer: {nproc: 3, context_parallel: ulysses}\n", "ulysses needs infer.nproc=3 to divide"),
     ],
 )
 def test_bad_experiment_stops_before_any_work(tmp_path, text, message):

@@ -1,8 +1,9 @@
 """Context parallelism for inference, applied from outside the model: the processes of a group share one sample's
-token sequence (views x frames x patches). Each keeps a contiguous slice of the tokens, computes its queries, and
-gathers every slice's keys and values for the joint self-attention (an all-gather per block, no ring): a rank does
-1/world of the attention and GEMM work, and the weights are replicated. Every rank ends each forward with the whole
-network output, so the sampler runs unchanged and in lockstep on every rank.
+token sequence (views x frames x patches). Each keeps a contiguous slice of the tokens; for the joint self-attention
+it either trades tokens for heads with all-to-alls (mode "ulysses": all tokens of H/P heads, 4 N D / P values moved
+per rank and block) or gathers every slice's keys and values ("allgather": 2 N D values per block; any process
+count). A rank does 1/P of the attention and GEMM work; the weights are replicated. Every rank ends each forward with
+the whole network output, so the sampler runs unchanged and in lockstep on every rank.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
-# traceable by torch.compile (a graph-friendly collective); renamed in torch 2.13
+# traceable by torch.compile (graph-friendly collectives); all_gather_tensor is renamed in torch 2.13
 _all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+MODES = ("auto", "ulysses", "allgather")  # auto: ulysses where the process count divides the heads
 
 
 @dataclass
@@ -28,11 +31,14 @@ class ContextParallel:
     group: dist.ProcessGroup
     rank: int
     world: int
+    mode: str = "auto"
 
     @classmethod
-    def of(cls, group: dist.ProcessGroup | None = None) -> ContextParallel:
+    def of(cls, group: dist.ProcessGroup | None = None, mode: str = "auto") -> ContextParallel:
+        if mode not in MODES:
+            raise ValueError(f"context-parallel mode must be one of {', '.join(MODES)}, got {mode!r}")
         group = group or dist.group.WORLD
-        return cls(group, dist.get_rank(group), dist.get_world_size(group))
+        return cls(group, dist.get_rank(group), dist.get_world_size(group), mode)
 
     def all_gather(self, x: Tensor, dim: int, sizes: tuple[int, ...]) -> Tensor:
         """x holds sizes[rank] entries along dim; returns the sum(sizes) entries of all ranks in rank order.
@@ -46,10 +52,24 @@ class ContextParallel:
             return out
         return torch.cat([p.narrow(dim, 0, s) for p, s in zip(out.split(top, dim=dim), sizes, strict=True)], dim=dim)
 
+    def heads_to_tokens(self, x: Tensor, sizes: tuple[int, ...]) -> Tensor:
+        """[S, B, H, n, d] (this rank's n tokens, all heads) -> [S, B, H/P, N, d] (all tokens, this rank's heads)."""
+        n = sizes[self.rank]
+        send = rearrange(x, "s b (p h) n d -> (p n) s b h d", p=self.world).contiguous()
+        recv = funcol.all_to_all_single(send, list(sizes), [n] * self.world, group=self.group)
+        return rearrange(recv, "n s b h d -> s b h n d")
 
-def enable(net: nn.Module, group: dist.ProcessGroup | None = None) -> ContextParallel:
+    def tokens_to_heads(self, x: Tensor, sizes: tuple[int, ...]) -> Tensor:
+        """[B, H/P, N, d] -> [B, H, n, d]: the inverse of heads_to_tokens (for one tensor)."""
+        n = sizes[self.rank]
+        send = rearrange(x, "b h n d -> n b h d").contiguous()
+        recv = funcol.all_to_all_single(send, [n] * self.world, list(sizes), group=self.group)
+        return rearrange(recv, "(p n) b h d -> b (p h) n d", p=self.world)
+
+
+def enable(net: nn.Module, group: dist.ProcessGroup | None = None, mode: str = "auto") -> ContextParallel:
     """Share the token sequence of `net` (a MultiviewDiT, or a model holding one as `.net`) over `group`."""
-    cp = ContextParallel.of(group)
+    cp = ContextParallel.of(group, mode)
     getattr(net, "net", net).context_parallel = cp
     return cp
 

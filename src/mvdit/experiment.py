@@ -106,6 +106,12 @@ def check_combinations(cfg: dict, source: str) -> None:
     gpus = cfg["resources"].get("train", {}).get("gpus")
     if gpus and gpus != t["nproc"]:
         fail("resources.train.gpus", f"{gpus} GPUs per node but train.nproc={t['nproc']} processes; make them equal")
+    heads = net.num_heads
+    if i["nproc"] > 1 and i["context_parallel"] == "ulysses" and heads % i["nproc"]:
+        fail(
+            "infer.context_parallel",
+            f"ulysses needs infer.nproc={i['nproc']} to divide the model's {heads} heads; use allgather or auto",
+        )
     gpus = cfg["resources"].get("infer", {}).get("gpus")
     if i["nproc"] > 1 and gpus and gpus > 1:
         fail(

@@ -5,14 +5,15 @@ Views are stacked view-major on the time axis: latent frame index v * T + t. Sel
 view and frame; cross-attention lets each view see only its own text tokens.
 
 Context parallelism (several processes sharing one sample's token sequence) is switched on from outside by giving
-`MultiviewDiT.context_parallel` an object with `rank`, `world` and `all_gather` (mvdit.context_parallel); the network
-itself has no distributed code: each process keeps a contiguous slice of the tokens and gathers keys and values.
+`MultiviewDiT.context_parallel` an object with `rank`, `world`, `mode` and the collectives of `LocalTokens`
+(mvdit.context_parallel); the network itself has no distributed code: each process keeps a contiguous slice of the
+tokens, and self-attention either gathers all keys and values or trades tokens for heads (Ulysses).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -98,20 +99,25 @@ def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class LocalTokens:
-    """The slice of the token sequence this process holds under context parallelism, and how to gather the rest.
+    """The slice of the token sequence this process holds under context parallelism, and how to reach the rest.
 
-    all_gather(x, dim, sizes): x holds this rank's `sizes[rank]` tokens along dim; returns all sum(sizes) tokens
-    along dim, in rank order (a collective: every rank calls it at the same point).
+    comm (mvdit.context_parallel.ContextParallel; collectives: every rank calls them at the same point):
+      all_gather(x, dim, sizes): this rank's sizes[rank] tokens along dim -> all sum(sizes) tokens, in rank order;
+      heads_to_tokens(x [S, B, H, n, d], sizes) -> [S, B, H/P, N, d] and tokens_to_heads(x [B, H/P, N, d], sizes)
+      -> [B, H, n, d]: the all-to-alls of sequence parallelism over heads (DeepSpeed-Ulysses).
+    ulysses: self-attention trades tokens for heads (4 all-to-alls of the local q, k, v and output per block);
+    otherwise every rank gathers all keys and values (one all-gather of 2 N D per block, more bytes).
     """
 
     sizes: tuple[int, ...]
     rank: int
-    all_gather: Callable[[Tensor, int, tuple[int, ...]], Tensor]
+    comm: Any
+    ulysses: bool = False
 
     @classmethod
-    def split(cls, n: int, rank: int, world: int, all_gather) -> LocalTokens:
+    def split(cls, n: int, rank: int, world: int, comm, ulysses: bool = False) -> LocalTokens:
         sizes = tuple(b - a for a, b in (shard_bounds(n, r, world) for r in range(world)))
-        return cls(sizes, rank, all_gather)
+        return cls(sizes, rank, comm, ulysses)
 
     @property
     def start(self) -> int:
@@ -126,7 +132,7 @@ class LocalTokens:
         return sum(self.sizes)
 
     def gather(self, x: Tensor, dim: int) -> Tensor:
-        return self.all_gather(x, dim, self.sizes)
+        return self.comm.all_gather(x, dim, self.sizes)
 
     def view_segments(self, n_views: int) -> list[tuple[int, int, int]]:
         """(first, last + 1, view) runs of the local tokens (local indices) that belong to one view each."""
@@ -174,11 +180,16 @@ class Attention(nn.Module):
         v = self.heads(self.to_v[0](ctx))
         if rope is not None:
             k = apply_rope(k, rope)
-        if tokens is not None and context is None:  # issued before q is computed, so the two can overlap
+        self_cp = tokens is not None and context is None
+        if self_cp and not tokens.ulysses:  # issued before q is computed, so the two can overlap
             k, v = tokens.gather(torch.stack([k, v]), 3).unbind(0)
         q = self.to_q[1](self.heads(self.to_q[0](x)))
         if rope is not None:
             q = apply_rope(q, rope)
+        if self_cp and tokens.ulysses:  # all tokens of H/P heads; back to this rank's tokens of all heads
+            q, k, v = tokens.comm.heads_to_tokens(torch.stack([q, k, v]), tokens.sizes).unbind(0)
+            out = tokens.comm.tokens_to_heads(F.scaled_dot_product_attention(q, k, v), tokens.sizes)
+            return self.to_out[0](rearrange(out, "b h n d -> b n (h d)"))
         if tokens is not None and context is not None and n_groups > 1:
             per_group = ctx.shape[1] // n_groups
             pieces = [
@@ -399,7 +410,13 @@ class MultiviewDiT(nn.Module):
         tokens = None
         cp = self.context_parallel
         if cp is not None and cp.world > 1:  # keep this process's slice of the (v t h w) sequence
-            tokens = LocalTokens.split(x.shape[1], cp.rank, cp.world, cp.all_gather)
+            ulysses = {"auto": self.cfg.num_heads % cp.world == 0, "ulysses": True, "allgather": False}[cp.mode]
+            if ulysses and self.cfg.num_heads % cp.world:
+                raise ValueError(
+                    f"ulysses context parallelism needs {cp.world} processes to divide "
+                    f"{self.cfg.num_heads} heads; use allgather"
+                )
+            tokens = LocalTokens.split(x.shape[1], cp.rank, cp.world, cp, ulysses)
             x, rope, pos_emb = (
                 x[:, tokens.start : tokens.stop],
                 rope[tokens.start : tokens.stop],
