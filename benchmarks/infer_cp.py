@@ -48,6 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--compile", default="eager,compiled", help="eager, compiled or both")
     p.add_argument("--cp-modes", default="ulysses,allgather", help="context-parallel modes to measure")
+    p.add_argument("--batches", default="1", help="1: a guidance step is two forwards; 2: one forward of both")
     p.add_argument("--link-gbps", type=float, default=360.0, help="all-gather bus bandwidth per GPU, GB/s (model)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16")
@@ -153,13 +154,17 @@ def main(argv=None):
     x = (40.0 * torch.randn(shape, device=dev, generator=g)).to(dtype)
     sigma = torch.tensor(40.0, device=dev)
 
-    def forward():
+    x2, cond2 = torch.cat([x, x]), cond.both_branches()
+
+    def forward(batch: int = 1):
+        """batch 1: one guidance branch (a step runs two); batch 2: both branches in one forward."""
         with torch.no_grad():
-            return run_net(net, x, sigma, cond)
+            return run_net(net, x, sigma, cond) if batch == 1 else run_net(net, x2, sigma, cond2)
 
     # with several processes: each alone first (the one-GPU baseline, all GPUs at once), then all together
     worlds = [1, real_world] if real_world > 1 else [int(w) for w in a.worlds.split(",") if w]
     modes = [m for m in a.compile.split(",") if m]
+    batches = [int(b) for b in a.batches.split(",") if b]
     bytes_per = torch.finfo(dtype).bits // 8
     base_ms: dict[str, float] = {}
     plans = []  # (world, context-parallel mode)
@@ -208,12 +213,13 @@ def main(argv=None):
         else:
             net.context_parallel = LocalGather(world, cp_mode)
             comm = comm_model(cfg, n, world, cp_mode, a.link_gbps, bytes_per) | {"modelled_at_gbps": a.link_gbps}
-        for mode in modes:
-            key = f"P{world}_{mode}" if world == 1 else f"P{world}_{cp_mode}_{mode}"
+        for mode, batch in [(m, b) for m in modes for b in batches]:
+            key = (f"P{world}_{mode}" if world == 1 else f"P{world}_{cp_mode}_{mode}") + ("_b2" if batch == 2 else "")
             if a.budget_s and time.time() - t_start > a.budget_s:
                 res["results"][key] = {"skipped": "time budget"}
                 continue
-            r = {"world": world, "context_parallel": cp_mode, "mode": mode, "sdpa": sd, "comm": comm}
+            r = {"world": world, "context_parallel": cp_mode, "mode": mode, "batch": batch, "sdpa": sd, "comm": comm}
+            comm_ms = batch * comm.get("ms", comm.get("measured_ms", 0.0))
             res["results"][key] = r
             try:
                 with contextlib.ExitStack() as stack:
@@ -222,29 +228,30 @@ def main(argv=None):
                         stack.enter_context(C.compiled_blocks(net))
                     C.mem_reset(dev)
                     t0 = time.perf_counter()
-                    forward()
+                    forward(batch)
                     C.sync(dev)
                     r["first_call_s"] = time.perf_counter() - t0
-                    t = C.time_ms(forward, dev, reps=a.reps, warmup=0)
+                    t = C.time_ms(functools.partial(forward, batch), dev, reps=a.reps, warmup=0)
                     r.update(C.mem_peak_gib(dev))
                 r["forward_ms"] = t
                 fwd = C.med(t)
                 r["forward_ms_median"] = fwd
-                r["tflops_per_gpu"] = fl["forward"] / world / (fwd * 1e-3) / 1e12
+                r["tflops_per_gpu"] = batch * fl["forward"] / world / (fwd * 1e-3) / 1e12
                 if real_world > 1 or world == 1:
                     r["projected_forward_ms"] = fwd  # measured end to end, communication included
                 else:
-                    r["projected_forward_ms"] = fwd + comm["ms"]  # no overlap assumed: an upper bound
-                r["sample_s"] = 2 * a.steps * r["projected_forward_ms"] * 1e-3
-                r["mfu_per_gpu"] = fl["forward"] / world / (r["projected_forward_ms"] * 1e-3 * C.H100_PEAK)
-                if world == 1:
-                    base_ms[mode] = r["projected_forward_ms"]
+                    r["projected_forward_ms"] = fwd + comm_ms  # no overlap assumed: an upper bound
+                step_ms = r["projected_forward_ms"] * (2 // batch)  # one guidance step: both branches
+                r["step_ms"] = step_ms
+                r["sample_s"] = a.steps * step_ms * 1e-3
+                r["mfu_per_gpu"] = 2 * fl["forward"] / world / (step_ms * 1e-3 * C.H100_PEAK)
+                if world == 1 and batch == 1:
+                    base_ms[mode] = step_ms
                 if mode in base_ms:
-                    r["speedup_vs_1gpu"] = base_ms[mode] / r["projected_forward_ms"]
+                    r["speedup_vs_1gpu"] = base_ms[mode] / step_ms
                     r["scaling_efficiency"] = r["speedup_vs_1gpu"] / world
-                comm_ms = comm.get("ms", comm.get("measured_ms", 0.0))
                 say(
-                    f"[fwd] P={world} {cp_mode:9s} {mode:8s} compute {fwd:8.1f} ms  comm {comm_ms:6.1f} ms"
+                    f"[fwd] P={world} {cp_mode:9s} {mode:8s} b{batch} compute {fwd:8.1f} ms  comm {comm_ms:6.1f} ms"
                     f"  -> forward {r['projected_forward_ms']:8.1f} ms, {a.steps}-step CFG {r['sample_s']:6.1f} s"
                     f"  MFU/GPU {r['mfu_per_gpu']:.3f}  speed-up {r.get('speedup_vs_1gpu', float('nan')):.2f}x"
                     f"  peak {r.get('peak_allocated_gib', float('nan')):.1f} GiB  first {r['first_call_s']:.1f} s",

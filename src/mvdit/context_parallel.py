@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 # traceable by torch.compile (graph-friendly collectives); all_gather_tensor is renamed in torch 2.13
 _all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
-MODES = ("auto", "ulysses", "allgather")  # auto: ulysses where the process count divides the heads
+MODES = ("auto", "ulysses", "allgather")  # auto: ulysses from 4 processes on, where their count divides the heads
 
 
 @dataclass
