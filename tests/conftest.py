@@ -4,6 +4,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+
+from mvdit.tiny import build_tiny_assets
 
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,3 +21,19 @@ def _cpu_defaults():
 @pytest.fixture
 def data_dir() -> Path:
     return DATA
+
+
+def tiny_inference_setup(d: Path, name: str, steps: int) -> Path:
+    """Tiny stand-in checkpoints under d/checkpoints and d/exp.yaml: fp32 inference of the tiny "release" model on
+    9 frames at 32x48. Returns d."""
+    build_tiny_assets(d / "checkpoints")
+    exp = {
+        "name": name,
+        "checkpoint_dir": str(d / "checkpoints"),
+        "checkpoint_source": "tiny",
+        "model": {"preset": "tiny"},
+        "data": {"num_frames": 9, "height": 32, "width": 48, "text_len": 8},
+        "infer": {"steps": steps, "precision": "fp32", "checkpoint": "release"},
+    }
+    (d / "exp.yaml").write_text(yaml.safe_dump(exp))
+    return d

@@ -17,7 +17,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import yaml
 from safetensors.torch import load_file, save_file
 
 from mvdit import context_parallel
@@ -25,8 +24,9 @@ from mvdit.config import get_preset
 from mvdit.constants import CAMERAS
 from mvdit.network import LocalTokens, MultiviewDiT, shard_bounds
 from mvdit.pipeline import generate
-from mvdit.tiny import build_tiny_assets
 from mvdit.video_io import read_video
+
+from .conftest import tiny_inference_setup
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
@@ -142,18 +142,7 @@ def test_a_disabled_model_is_the_plain_model():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cp")
-    build_tiny_assets(d / "checkpoints")
-    exp = {
-        "name": "cp",
-        "checkpoint_dir": str(d / "checkpoints"),
-        "checkpoint_source": "tiny",
-        "model": {"preset": "tiny"},
-        "data": {"num_frames": 9, "height": 32, "width": 48, "text_len": 8},
-        "infer": {"steps": 3, "precision": "fp32", "checkpoint": "release"},
-    }
-    (d / "exp.yaml").write_text(yaml.safe_dump(exp))
-    return d
+    return tiny_inference_setup(tmp_path_factory.mktemp("cp"), "cp", steps=3)
 
 
 def infer_cmd(tiny: Path, out: str, nproc: int) -> list[str]:
@@ -183,3 +172,16 @@ def test_infer_with_two_processes_writes_the_same_videos_as_one(tiny):
     assert m1["latent_sha256"] == m2["latent_sha256"]
     # only the main process writes: one set of files, no per-rank leftovers
     assert sorted(p.name for p in (tiny / "two").iterdir()) == sorted(p.name for p in (tiny / "one").iterdir())
+
+
+def test_a_bad_input_stops_every_process_with_the_one_line_error(tiny):
+    cmd = infer_cmd(tiny, "bad", 2)
+    cmd[cmd.index("--checkpoint") + 1] = str(tiny / "missing/model.pt")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("infer.py")]
+    assert lines and all(
+        "missing/model.pt does not exist: run the train and copy_ema rules first" in ln for ln in lines
+    )
+    assert any(ln.startswith("infer.py: ") for ln in lines)  # the main process, untagged
+    assert not (tiny / "bad").exists()

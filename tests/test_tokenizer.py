@@ -108,10 +108,11 @@ def test_chunks_are_encoded_independently_and_batching_does_not_matter(tok_dir):
     small = VideoTokenizer(tok_dir, pixel_chunk_frames=9, max_encode_batch=1, max_decode_batch=1)
     large = VideoTokenizer(tok_dir, pixel_chunk_frames=9, max_encode_batch=8, max_decode_batch=8)
     z_small, z_large = small.encode(video), large.encode(video)
-    torch.testing.assert_close(z_small, z_large, rtol=0, atol=1e-6)
+    # fp32 rounding only: a batch of 8 may take another GEMM blocking than a batch of 1 (latents reach |z| ~ 5)
+    torch.testing.assert_close(z_small, z_large, rtol=1e-6, atol=1e-6)
     per_chunk = torch.cat([large.encode(video[:, :, i : i + 9]) for i in range(0, 27, 9)], dim=2)
-    torch.testing.assert_close(z_large, per_chunk, rtol=0, atol=1e-6)
-    torch.testing.assert_close(small.decode(z_small), large.decode(z_small), rtol=0, atol=1e-6)
+    torch.testing.assert_close(z_large, per_chunk, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(small.decode(z_small), large.decode(z_small), rtol=1e-6, atol=1e-6)
 
 
 def test_normalisation_uses_per_latent_frame_statistics(tok_dir, tmp_path):

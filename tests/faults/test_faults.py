@@ -19,8 +19,9 @@ import yaml
 
 from mvdit.checkpoint import atomic_write, build_model, load_model, save_state_dict
 from mvdit.config import get_preset
-from mvdit.tiny import build_tiny_assets
 from mvdit.video_io import read_video
+
+from ..conftest import tiny_inference_setup
 
 ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "src"
@@ -63,18 +64,7 @@ def test_every_torch_load_is_weights_only_and_pickle_needs_an_opt_in():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    build_tiny_assets(d / "checkpoints")
-    exp = {
-        "name": "f",
-        "checkpoint_dir": str(d / "checkpoints"),
-        "checkpoint_source": "tiny",
-        "model": {"preset": "tiny"},
-        "data": {"num_frames": 9, "height": 32, "width": 48, "text_len": 8},
-        "infer": {"steps": 2, "precision": "fp32", "checkpoint": "release"},
-    }
-    (d / "exp.yaml").write_text(yaml.safe_dump(exp))
-    return d
+    return tiny_inference_setup(tmp_path_factory.mktemp("tiny"), "f", steps=2)
 
 
 def infer(tiny, *, prompt_set=ROOT / "prompts/synthetic_highway.yaml", checkpoint=None, tokenizer=None, out="out"):
