@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> None:
     texts = {}
     if main_proc:  # the text encoder runs (and is released) before the DiT loads
         t5 = args.t5_dir or t5_dir(cfg)
-        cache = EmbeddingCache(args.cache_dir, encoder_identity(t5))
+        cache = EmbeddingCache(args.cache_dir, encoder_identity(t5, dtype))  # bf16 and fp32 are cached apart
         t5_device = "cpu" if inf["offload_text_encoder"] else dev
         for ps in sets:
             embs = cache.encode_cached(

@@ -36,8 +36,8 @@ def embed_captions(
     todo = [(c, cam) for c in clips for cam in cameras if cam not in c.t5]
     if not todo:
         return 0
-    cache = EmbeddingCache(cache_dir, encoder_identity(t5))
     dtype = torch.bfloat16 if device != "cpu" else torch.float32
+    cache = EmbeddingCache(cache_dir, encoder_identity(t5, dtype))  # bf16 and fp32 embeddings are cached apart
     prompts = [clip.captions[cam] for clip, cam in todo]
     embs = cache.encode_cached(lambda: T5TextEncoder(t5, device=device, dtype=dtype), prompts)  # encodes each once
     for (clip, cam), prompt, emb in tqdm(zip(todo, prompts, embs, strict=True), desc="T5 files", file=sys.stderr):

@@ -166,3 +166,17 @@ def test_contact_sheet(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert read_image(path).ndim == 3
     assert [p.name for p in tmp_path.iterdir()] == ["sheet.png"]
+
+
+def test_an_ffmpeg_too_old_for_frame_exact_decoding_is_a_one_line_error(monkeypatch):
+    from mvdit import video_io
+
+    monkeypatch.setattr(video_io.imageio_ffmpeg, "get_ffmpeg_version", lambda: "4.2.2-static")
+    video_io.ffmpeg_exe.cache_clear()
+    try:
+        with pytest.raises(video_io.VideoReadError, match=r"ffmpeg 4\.2\.2-static, older than 5\.1; fix: pip install"):
+            video_io.ffmpeg_exe()
+    finally:
+        video_io.ffmpeg_exe.cache_clear()
+    monkeypatch.undo()
+    assert Path(video_io.ffmpeg_exe()).exists()

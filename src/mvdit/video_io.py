@@ -5,6 +5,7 @@ Frames are uint8 numpy arrays [T, H, W, 3] (RGB); model pixels are float tensors
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -41,9 +42,21 @@ class VideoInfo:
     fps: float
 
 
+MIN_FFMPEG = (5, 1)  # -fps_mode (frame-exact decoding) appeared in ffmpeg 5.1; imageio-ffmpeg < 0.6 bundles 4.2
+
+
+@functools.cache
 def ffmpeg_exe() -> str:
-    """The bundled ffmpeg binary (there is no system ffmpeg on the target machines)."""
-    return imageio_ffmpeg.get_ffmpeg_exe()
+    """The bundled ffmpeg binary (there is no system ffmpeg on the target machines), checked to be new enough."""
+    exe = imageio_ffmpeg.get_ffmpeg_exe()
+    version = imageio_ffmpeg.get_ffmpeg_version()
+    m = re.match(r"n?(\d+)\.(\d+)", version)
+    if m and (int(m.group(1)), int(m.group(2))) < MIN_FFMPEG:
+        raise VideoReadError(
+            f"{exe} is ffmpeg {version}, older than {'.'.join(map(str, MIN_FFMPEG))}; "
+            "fix: pip install 'imageio-ffmpeg>=0.6' (or point IMAGEIO_FFMPEG_EXE at a newer ffmpeg)"
+        )
+    return exe
 
 
 def _check_file(path: Path) -> None:
@@ -88,20 +101,22 @@ def _parse_stream(stderr: str, section: str) -> tuple[int, int, float]:
 
 
 def probe_video(path: str | os.PathLike) -> VideoInfo:
-    """Frame count, size and fps of a video by stream-copying it to a null sink (fast: no decoding)."""
+    """Frame count, size and fps of a video by stream-copying it (fast: no decoding). The frames are counted as the
+    packets listed by the framecrc muxer, one line each: ffmpeg's own "frame=" statistics are not printed for stream
+    copies by every version (7.0 omits them)."""
     path = Path(path)
     _check_file(path)
     cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-i", str(path), "-map", "0:v:0", "-c", "copy"]
-    proc = subprocess.run([*cmd, "-f", "null", "-"], capture_output=True)
+    proc = subprocess.run([*cmd, "-f", "framecrc", "-"], capture_output=True)
     err = proc.stderr.decode(errors="replace")
-    counts = re.findall(r"frame=\s*(\d+)", err)
+    n_frames = sum(1 for ln in proc.stdout.decode(errors="replace").splitlines() if ln and not ln.startswith("#"))
     try:
         width, height, fps = _parse_stream(err, "Input #0")
     except ValueError:
         raise VideoReadError(f"cannot read video {path}: {_last_error_line(proc.stderr)}; fix: {_FIX_HINT}") from None
-    if proc.returncode != 0 or not counts or int(counts[-1]) == 0:
+    if proc.returncode != 0 or n_frames == 0:
         raise VideoReadError(f"cannot read video {path}: {_last_error_line(proc.stderr)} (no frames); fix: {_FIX_HINT}")
-    return VideoInfo(n_frames=int(counts[-1]), height=height, width=width, fps=fps)
+    return VideoInfo(n_frames=n_frames, height=height, width=width, fps=fps)
 
 
 def _decode(path: Path, start_frame: int = 0, n_frames: int | None = None) -> tuple[np.ndarray, float]:
