@@ -1,5 +1,6 @@
 """Shared fixtures: paths to the bundled reference data, CPU determinism."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,3 +38,10 @@ def tiny_inference_setup(d: Path, name: str, steps: int) -> Path:
     }
     (d / "exp.yaml").write_text(yaml.safe_dump(exp))
     return d
+
+
+def train_command(nproc: int, experiment: Path, data_dir: Path, out: Path, tokenizer: Path, *extra) -> list[str]:
+    """src/launch.py running src/train.py on `nproc` processes, as the train rule does."""
+    cmd = [sys.executable, ROOT / "src/launch.py", "--nproc", str(nproc), "--", ROOT / "src/train.py"]
+    cmd += ["--experiment", experiment, "--data-manifest", data_dir / "manifest.json", "--out-dir", out]
+    return [str(c) for c in [*cmd, "--tokenizer-dir", tokenizer, *extra]]

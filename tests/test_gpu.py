@@ -14,7 +14,7 @@ import yaml
 
 from mvdit.tiny import build_tiny_assets
 
-from .conftest import ROOT
+from .conftest import ROOT, train_command
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 SRC = ROOT / "src"
@@ -67,25 +67,9 @@ def test_train_resume_copy_and_infer_on_cuda(tmp_path):
         tmp_path / "t5_cache",
     )
     out = tmp_path / "train"
-    cmd = [
-        sys.executable,
-        SRC / "launch.py",
-        "--nproc",
-        "1",
-        "--",
-        SRC / "train.py",
-        "--experiment",
-        tmp_path / "exp.yaml",
-        "--data-manifest",
-        tmp_path / "data/manifest.json",
-        "--out-dir",
-        out,
-        "--init-checkpoint",
-        ck / DIT / "model.pt",
-        "--tokenizer-dir",
-        ck / TOK,
-    ]
-    cmd = [str(c) for c in cmd]
+    cmd = train_command(
+        1, tmp_path / "exp.yaml", tmp_path / "data", out, ck / TOK, "--init-checkpoint", ck / DIT / "model.pt"
+    )
     p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
     log = out / "train_log.jsonl"
     deadline = time.monotonic() + 300

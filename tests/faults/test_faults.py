@@ -21,7 +21,7 @@ from mvdit.checkpoint import atomic_write, build_model, load_model, save_state_d
 from mvdit.config import get_preset
 from mvdit.video_io import read_video
 
-from ..conftest import tiny_inference_setup
+from ..conftest import tiny_inference_setup, train_command
 
 ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "src"
@@ -270,23 +270,8 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, small_d
         capture_output=True,
     )
     out = small_disk / "train"
-    cmd = [
-        sys.executable,
-        SRC / "launch.py",
-        "--nproc",
-        "2",
-        "--",
-        SRC / "train.py",
-        "--experiment",
-        tmp_path / "exp.yaml",
-        "--data-manifest",
-        tmp_path / "data/manifest.json",
-        "--out-dir",
-        out,
-        "--tokenizer-dir",
-        tmp_path / "tok",
-    ]
-    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=300)
+    cmd = train_command(2, tmp_path / "exp.yaml", tmp_path / "data", out, tmp_path / "tok")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1, r.stderr[-3000:]
     msg = [ln for ln in r.stderr.splitlines() if "could not write checkpoint" in ln]
     assert msg and "iter_000000008" in msg[0] and "iter_000000004 is still the latest checkpoint" in msg[0]
@@ -298,8 +283,8 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, small_d
     # with space again, the same command resumes from iteration 4 and finishes
     moved = tmp_path / "train"
     subprocess.run(["cp", "-a", str(out), str(moved)], check=True)
-    cmd[cmd.index(out)] = moved
-    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=300)
+    cmd[cmd.index(str(out))] = str(moved)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stderr and (moved / "final.json").exists()
 
