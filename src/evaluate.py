@@ -61,16 +61,17 @@ def evaluate(args: argparse.Namespace) -> dict:
     if n_in >= f:
         raise ValueError(f"infer.num_input_frames={n_in} leaves no frame to predict in {f}-frame clips")
     dev = torch.device(args.device)
+    dtype = torch.bfloat16 if (dev.type == "cuda" and inf["precision"] == "bf16") else torch.float32  # as infer.py
     guidance = inf["guidance"] if args.guidance is None else args.guidance
     dataset = dataset_from_manifest(args.data_manifest, split="held_out")
     n_clips = min(len(dataset), inf["eval_clips"])
     if n_clips == 0:
         raise ValueError(f"{args.data_manifest}: no held-out clips to evaluate (set data.held_out > 0)")
-    tok = VideoTokenizer(args.tokenizer_dir or tokenizer_dir(cfg), device=dev, pixel_chunk_frames=f)
+    tok = VideoTokenizer(args.tokenizer_dir or tokenizer_dir(cfg), device=dev, dtype=dtype, pixel_chunk_frames=f)
     net_cfg = get_preset(cfg["model"]["preset"], **cfg["model"]["overrides"])
     models = {
-        "post_trained": load_model(net_cfg, args.trained, device=dev)[0].eval(),
-        "untrained": load_model(net_cfg, args.baseline, device=dev)[0].eval(),
+        "post_trained": load_model(net_cfg, args.trained, device=dev, dtype=dtype)[0].eval(),
+        "untrained": load_model(net_cfg, args.baseline, device=dev, dtype=dtype)[0].eval(),
     }
     n_samples = inf["eval_samples"] if args.samples is None else args.samples
     keys = [*models, *(f"{m}_single_sample" for m in models), "copy_last_frame", "tokenizer_ceiling"]
@@ -86,12 +87,12 @@ def evaluate(args: argparse.Namespace) -> dict:
         cond[:, :, n_in:] = 0  # the input frames, zero-padded as the pipeline does
         cond_video = cond.reshape(1, 3, len(cameras) * f, *video.shape[-2:])
         with torch.no_grad():
-            gt = tok.encode_views(cond_video, len(cameras))
-            recon = tok.decode_views(tok.encode_views(video[None], len(cameras)), len(cameras))[0]
+            gt = tok.encode_views(cond_video.to(dtype), len(cameras)).to(dtype)
+            recon = tok.decode_views(tok.encode_views(video[None].to(dtype), len(cameras)), len(cameras))[0].float()
         scores["tokenizer_ceiling"].append(psnr(recon.reshape(views.shape)[:, :, n_in:], target))
         last = views[:, :, n_in - 1 : n_in].expand_as(target)
         scores["copy_last_frame"].append(psnr(last, target))
-        text = item["t5_text_embeddings"][None].to(dev)
+        text = item["t5_text_embeddings"][None].to(dev, dtype)
         for name, model in models.items():
             pix = 0
             for k in range(n_samples):  # the mean of several samples estimates the MSE-optimal prediction
@@ -109,7 +110,8 @@ def evaluate(args: argparse.Namespace) -> dict:
                     progress=False,
                 )
                 with torch.no_grad():
-                    sample = tok.decode_views(latent, len(cameras))[0].reshape(views.shape).clamp(-1, 1)
+                    sample = tok.decode_views(latent.to(dtype), len(cameras))[0].float()
+                    sample = sample.reshape(views.shape).clamp(-1, 1)
                 if k == 0:
                     scores[f"{name}_single_sample"].append(psnr(sample[:, :, n_in:], target))
                     video = {c: from_model_pixels(sample[:, v]) for v, c in enumerate(cameras)}

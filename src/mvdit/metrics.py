@@ -42,7 +42,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
     g = _gauss()
     size = min(len(g), x.shape[-1], x.shape[-2])
     g = _gauss(size) if size < len(g) else g
-    kernel = (g[:, None] * g[None, :])[None, None]
+    kernel = (g[:, None] * g[None, :])[None, None].to(x.device)
 
     def blur(z):
         return F.conv2d(z, kernel)
