@@ -52,7 +52,7 @@ POST = f"{post_trained_dir(config)}/model.pt"
 MANIFEST = ".mvdit_manifest.json"
 # inference reads the post-trained copy, or the released model.pt that the download rule's manifest vouches for
 CKPT_FOR_INFER = POST if INF["checkpoint"] == "post-trained" else f"{DIT}/{MANIFEST}"
-# several inference processes per prompt set run under torchrun; a stop signal ends them (nothing to save)
+# several inference (and evaluation) processes per sample run under torchrun; a stop signal ends them (nothing to save)
 INFER_RUN = f"{PY} {SRC}/launch.py --nproc {INF['nproc']} --on-stop terminate --" if INF["nproc"] > 1 else PY
 HAS_EVAL = config["data"]["source"] != "mock" and config["data"]["held_out"] > 0 and T["init"] == "release"
 
@@ -282,21 +282,21 @@ rule evaluate:
         f"{R}/logs/evaluate.log",
     conda:
         ENV
-    resources:  # a GPU job like inference (samples the DiT)
+    resources:  # a GPU job like inference (samples the DiT, infer.nproc processes per sample)
         **slurm_resources("infer"),
-        gpu=res("infer", "gpus", 0),
-        cpus_per_task=res("infer", "cpus_per_task", 1),
+        gpu=res("infer", "gpus", 0) * INF["nproc"],
+        cpus_per_task=res("infer", "cpus_per_task", 1) * INF["nproc"],
         runtime=res("infer", "runtime", 30),
         mem_mb=res("infer", "mem_mb", 4000),
     params:
-        py=PY,
+        run=INFER_RUN,
         src=SRC,
         exp=RESOLVED,
         infer=INF,
         baseline=lambda w, input: Path(input.dit).parent / "model.pt",
         tok=lambda w, input: Path(input.tokenizer).parent,
     shell:
-        "{params.py} {params.src}/evaluate.py --experiment {params.exp} --data-manifest {input.data} --trained {input.trained}"
+        "{params.run} {params.src}/evaluate.py --experiment {params.exp} --data-manifest {input.data} --trained {input.trained}"
         " --baseline {params.baseline} --tokenizer-dir {params.tok} --out {output} > {log} 2>&1"
 
 

@@ -4,6 +4,8 @@ from and a copy-last-frame baseline (and the tokenizer's own reconstruction as t
 Example (R=results/tiny_demo): python src/evaluate.py --experiment experiments/tiny_demo.yaml \
   --data-manifest $R/data/manifest.json --trained <post-trained model.pt> --baseline <release model.pt> \
   --out $R/report/eval.json
+Under torchrun (infer.nproc > 1: python src/launch.py --nproc N -- src/evaluate.py ...) the processes share each
+sample by context parallelism, as in infer.py; the main process encodes, decodes, scores and writes.
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mvdit import context_parallel
 from mvdit.checkpoint import CheckpointError, load_model, write_json
 from mvdit.config import get_preset
+from mvdit.constants import SPATIAL_COMPRESSION
 from mvdit.data import DatasetError
 from mvdit.experiment import ExperimentError, load_experiment, tokenizer_dir
 from mvdit.manifest import dataset_from_manifest
 from mvdit.metrics import cross_view_consistency, psnr, ssim, temporal_consistency
-from mvdit.pipeline import generate
+from mvdit.pipeline import generate, latent_frames
 from mvdit.tokenizer import VideoTokenizer
 from mvdit.video_io import from_model_pixels
 
@@ -41,8 +45,12 @@ def main(argv=None) -> int:
     try:
         metrics = evaluate(args)
     except (ExperimentError, CheckpointError, DatasetError, ValueError) as e:
-        print(f"evaluate.py: {e}", file=sys.stderr)
+        print(f"evaluate.py{context_parallel.rank_tag()}: {e}", file=sys.stderr)
         return 1
+    finally:
+        context_parallel.finish()
+    if metrics is None:  # not the main process
+        return 0
     write_json(args.out, metrics)
     p = metrics["psnr_db"]
     print(
@@ -53,26 +61,34 @@ def main(argv=None) -> int:
     return 0
 
 
-def evaluate(args: argparse.Namespace) -> dict:
+def evaluate(args: argparse.Namespace) -> dict | None:
     cfg = load_experiment(args.experiment)
     d, inf = cfg["data"], cfg["infer"]
     cameras, f = d["cameras"], d["num_frames"]
     n_in = inf["num_input_frames"]
     if n_in >= f:
         raise ValueError(f"infer.num_input_frames={n_in} leaves no frame to predict in {f}-frame clips")
-    dev = torch.device(args.device)
+    procs = context_parallel.init_processes(args.device)
+    dev = procs.device
     dtype = torch.bfloat16 if (dev.type == "cuda" and inf["precision"] == "bf16") else torch.float32  # as infer.py
     guidance = inf["guidance"] if args.guidance is None else args.guidance
     dataset = dataset_from_manifest(args.data_manifest, split="held_out")
     n_clips = min(len(dataset), inf["eval_clips"])
     if n_clips == 0:
         raise ValueError(f"{args.data_manifest}: no held-out clips to evaluate (set data.held_out > 0)")
-    tok = VideoTokenizer(args.tokenizer_dir or tokenizer_dir(cfg), device=dev, dtype=dtype, pixel_chunk_frames=f)
+    tok = None
+    if procs.main:  # the other processes only run the DiT on their share of the tokens
+        tok = VideoTokenizer(args.tokenizer_dir or tokenizer_dir(cfg), device=dev, dtype=dtype, pixel_chunk_frames=f)
     net_cfg = get_preset(cfg["model"]["preset"], **cfg["model"]["overrides"])
     models = {
         "post_trained": load_model(net_cfg, args.trained, device=dev, dtype=dtype)[0].eval(),
         "untrained": load_model(net_cfg, args.baseline, device=dev, dtype=dtype)[0].eval(),
     }
+    if procs.world > 1:
+        for model in models.values():
+            context_parallel.enable(model, mode=inf["context_parallel"])
+    h, w = d["height"] // SPATIAL_COMPRESSION, d["width"] // SPATIAL_COMPRESSION
+    latent_shape = (1, net_cfg.in_channels, len(cameras) * latent_frames(f), h, w)
     n_samples = inf["eval_samples"] if args.samples is None else args.samples
     keys = [*models, *(f"{m}_single_sample" for m in models), "copy_last_frame", "tokenizer_ceiling"]
     scores: dict[str, list[float]] = {k: [] for k in keys}
@@ -86,13 +102,16 @@ def evaluate(args: argparse.Namespace) -> dict:
         cond = views.clone()
         cond[:, :, n_in:] = 0  # the input frames, zero-padded as the pipeline does
         cond_video = cond.reshape(1, 3, len(cameras) * f, *video.shape[-2:])
-        with torch.no_grad():
-            gt = tok.encode_views(cond_video.to(dtype), len(cameras)).to(dtype)
-            recon = tok.decode_views(tok.encode_views(video[None].to(dtype), len(cameras)), len(cameras))[0].float()
-        scores["tokenizer_ceiling"].append(psnr(recon.reshape(views.shape)[:, :, n_in:], target))
-        last = views[:, :, n_in - 1 : n_in].expand_as(target)
-        scores["copy_last_frame"].append(psnr(last, target))
-        text = item["t5_text_embeddings"][None].to(dev, dtype)
+        gt = None
+        if procs.main:
+            with torch.no_grad():
+                gt = tok.encode_views(cond_video.to(dtype), len(cameras)).to(dtype)
+                recon = tok.decode_views(tok.encode_views(video[None].to(dtype), len(cameras)), len(cameras))[0]
+            scores["tokenizer_ceiling"].append(psnr(recon.float().reshape(views.shape)[:, :, n_in:], target))
+            last = views[:, :, n_in - 1 : n_in].expand_as(target)
+            scores["copy_last_frame"].append(psnr(last, target))
+        gt = context_parallel.broadcast_from_main(gt, latent_shape, dtype, procs)
+        text = item["t5_text_embeddings"][None].to(dev, dtype)  # the same files on every process
         for name, model in models.items():
             pix = 0
             for k in range(n_samples):  # the mean of several samples estimates the MSE-optimal prediction
@@ -109,6 +128,8 @@ def evaluate(args: argparse.Namespace) -> dict:
                     fps=float(item["fps"]),
                     progress=False,
                 )
+                if not procs.main:
+                    continue
                 with torch.no_grad():
                     sample = tok.decode_views(latent.to(dtype), len(cameras))[0].float()
                     sample = sample.reshape(views.shape).clamp(-1, 1)
@@ -124,13 +145,17 @@ def evaluate(args: argparse.Namespace) -> dict:
                     if name == "post_trained":
                         extra["ground_truth"]["cross_view_matches"].append(cross_view_consistency(truth))
                 pix = pix + sample / n_samples
-            scores[name].append(psnr(pix[:, :, n_in:], target))
+            if procs.main:
+                scores[name].append(psnr(pix[:, :, n_in:], target))
+    if not procs.main:
+        return None
     return {
         "experiment": cfg["name"],
         "clips": n_clips,
         "num_input_frames": n_in,
         "guidance": guidance,
         "steps": inf["steps"],
+        "context_parallel": procs.world,
         "psnr_db": {k: float(np.mean(v)) for k, v in scores.items()},
         "psnr_db_per_clip": scores,
         "single_sample_metrics": {m: {k: float(np.mean(v)) for k, v in d.items() if v} for m, d in extra.items()},

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -47,12 +46,6 @@ from mvdit.video_io import (
 )
 
 log = logging.getLogger("infer")
-
-
-def rank_tag() -> str:
-    """' [rank N]' for the other processes of a context-parallel run (the main process speaks plainly)."""
-    rank = os.environ.get("RANK", "0")
-    return "" if rank == "0" else f" [rank {rank}]"
 
 
 def sha256_of(path: Path) -> str:
@@ -86,12 +79,12 @@ def main(argv=None) -> int:
         TextEncoderLoadError,
         VideoReadError,
     ) as e:
-        print(f"infer.py{rank_tag()}: {e}", file=sys.stderr)
+        print(f"infer.py{context_parallel.rank_tag()}: {e}", file=sys.stderr)
         return 1
     except torch.OutOfMemoryError as e:
         print(
-            f"infer.py{rank_tag()}: out of GPU memory ({str(e).splitlines()[0]}); set infer.offload_text_encoder and "
-            "infer.offload_tokenizer, use bf16, or fewer data.cameras",
+            f"infer.py{context_parallel.rank_tag()}: out of GPU memory ({str(e).splitlines()[0]}); "
+            "set infer.offload_text_encoder and infer.offload_tokenizer, use bf16, or fewer data.cameras",
             file=sys.stderr,
         )
         return 1

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import yaml
 from safetensors.torch import load_file, save_file
 
 from mvdit import context_parallel
@@ -24,6 +25,7 @@ from mvdit.config import get_preset
 from mvdit.constants import CAMERAS
 from mvdit.network import LocalTokens, MultiviewDiT, shard_bounds
 from mvdit.pipeline import compile_blocks, generate
+from mvdit.tiny import build_tiny_assets
 from mvdit.video_io import read_video
 
 from .conftest import tiny_inference_setup
@@ -210,3 +212,43 @@ def test_a_bad_input_stops_every_process_with_the_one_line_error(tiny):
     )
     assert any(ln.startswith("infer.py: ") for ln in lines)  # the main process, untagged
     assert not (tiny / "bad").exists()
+
+
+# ---------------------------------------------------------------------------------------------- evaluate.py end to end
+
+
+def test_evaluate_with_two_processes_scores_the_same_as_one(tmp_path):
+    ck = tmp_path / "checkpoints"
+    build_tiny_assets(ck)
+    exp = {
+        "name": "cp_eval",
+        "checkpoint_dir": str(ck),
+        "checkpoint_source": "tiny",
+        "model": {"preset": "tiny"},
+        "data": {"num_clips": 2, "held_out": 1, "num_frames": 17, "height": 32, "width": 48, "text_len": 8},
+        "infer": {"steps": 2, "precision": "fp32", "eval_clips": 1, "eval_samples": 2},
+    }
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp))
+    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    prep = [SRC / "prepare_data.py", "--experiment", tmp_path / "exp.yaml", "--out-dir", tmp_path / "data"]
+    prep += ["--t5-dir", ck / "google-t5/t5-11b", "--cache-dir", tmp_path / "t5_cache"]
+    r = subprocess.run([sys.executable, *map(str, prep)], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    release = ck / DIT / "model.pt"
+    scores = {}
+    for nproc in (1, 2):
+        prog = [SRC / "evaluate.py", "--experiment", tmp_path / "exp.yaml", "--data-manifest"]
+        prog += [tmp_path / "data/manifest.json", "--trained", release, "--baseline", release, "--device", "cpu"]
+        prog += ["--tokenizer-dir", ck / "Cosmos-Tokenize1-CV8x8x8-720p", "--out", tmp_path / f"eval{nproc}.json"]
+        launch = [] if nproc == 1 else [SRC / "launch.py", "--nproc", nproc, "--"]
+        r = subprocess.run(
+            [sys.executable, *map(str, [*launch, *prog])], capture_output=True, text=True, timeout=600, env=env
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        scores[nproc] = json.loads((tmp_path / f"eval{nproc}.json").read_text())
+    one, two = scores[1], scores[2]
+    assert one["context_parallel"] == 1 and two["context_parallel"] == 2
+    assert one["clips"] == 1 and all(np.isfinite(v) for v in one["psnr_db"].values())
+    assert one["psnr_db_per_clip"] == two["psnr_db_per_clip"]
+    assert one["single_sample_metrics"] == two["single_sample_metrics"]
+    assert sorted(p.name for p in tmp_path.glob("eval*")) == ["eval1.json", "eval2.json"]  # rank 0 writes alone

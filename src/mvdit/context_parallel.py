@@ -106,6 +106,12 @@ def init_processes(device: str) -> Processes:
     return Processes(dist.get_rank(), world, local_rank, dev)
 
 
+def rank_tag() -> str:
+    """' [rank N]' for the other processes of a context-parallel run (the main process speaks plainly)."""
+    rank = os.environ.get("RANK", "0")
+    return "" if rank == "0" else f" [rank {rank}]"
+
+
 def finish() -> None:
     """Leave the process group (if one was started), so that torchrun sees a clean exit."""
     if dist.is_available() and dist.is_initialized():
