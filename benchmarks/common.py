@@ -19,21 +19,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import sdpa_kernel
+
+from mvdit import sdpa
 
 H100_PEAK = 989e12  # dense bf16 peak of an H100 SXM, FLOP/s (perf.md)
 DATE = datetime.date.today().isoformat()  # the run's own date (UTC machine clock)
-
-try:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-except ImportError:  # pragma: no cover - very old torch
-    SDPBackend = sdpa_kernel = None
-
-BACKENDS = {
-    "flash": "FLASH_ATTENTION",
-    "cudnn": "CUDNN_ATTENTION",
-    "efficient": "EFFICIENT_ATTENTION",
-    "math": "MATH",
-}
 
 
 # ----------------------------------------------------------------------------------------------------- FLOPs
@@ -162,33 +153,17 @@ def is_oom(e: BaseException) -> bool:
 # ---------------------------------------------------------------------------------------------------- SDPA
 @contextlib.contextmanager
 def sdpa_backend(name: str):
-    """'default': torch's own choice; 'cudnn-first': cuDNN, then flash, efficient, math (the proposed src change,
-    safe everywhere); 'cudnn' / 'flash' / 'efficient' / 'math': only that backend."""
-    if name == "default" or sdpa_kernel is None:
-        yield
-        return
+    """'default': torch's own choice; 'cudnn-first': cuDNN, then flash, efficient, math (safe everywhere);
+    'cudnn' / 'flash' / 'efficient' / 'math': only that backend (mvdit.sdpa, as infer.sdpa_backend forces it)."""
     if name == "cudnn-first":
-        order = [
-            SDPBackend.CUDNN_ATTENTION,
-            SDPBackend.FLASH_ATTENTION,
-            SDPBackend.EFFICIENT_ATTENTION,
-            SDPBackend.MATH,
-        ]
-        with sdpa_kernel(order, set_priority=True):
+        with sdpa_kernel([sdpa.BACKENDS[b] for b in ("cudnn", "flash", "efficient", "math")], set_priority=True):
             yield
         return
-    with sdpa_kernel([getattr(SDPBackend, BACKENDS[name])]):
+    with sdpa.backend("auto" if name == "default" else name):
         yield
 
 
-def sdpa_choice(q: Tensor, k: Tensor, v: Tensor) -> str:
-    """The backend torch picks for these inputs under the current settings (best effort)."""
-    try:
-        i = torch._fused_sdp_choice(q, k, v)
-        names = {-1: "error", 0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}
-        return names.get(int(i), str(i))
-    except Exception as e:  # noqa: BLE001
-        return f"unknown ({type(e).__name__})"
+sdpa_choice = sdpa.kernel_name  # the kernel torch picks for (q, k, v) under the current settings
 
 
 # ---------------------------------------------------------------------------------------------------- ceilings
@@ -306,17 +281,17 @@ def fused_qk_norm_rope():
 # ---------------------------------------------------------------------------------------------- regional compile
 @contextlib.contextmanager
 def compiled_blocks(net: nn.Module):
-    """torch.compile every Block's forward (regional compilation: one graph shared by all identical blocks)."""
+    """Every Block's forward compiled as infer.compile does (mvdit.pipeline.compile_blocks), undone on exit."""
     import torch._dynamo
 
+    from mvdit.pipeline import compile_blocks
+
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    blocks = list(net.blocks.values())
-    for blk in blocks:
-        blk.forward = torch.compile(blk.forward, dynamic=False)
+    compile_blocks(net)
     try:
         yield
     finally:
-        for blk in blocks:
+        for blk in net.blocks.values():
             del blk.forward
 
 

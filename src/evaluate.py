@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mvdit import context_parallel
+from mvdit import context_parallel, sdpa
 from mvdit.checkpoint import CheckpointError, load_model, write_json
 from mvdit.config import get_preset
 from mvdit.constants import SPATIAL_COMPRESSION
@@ -25,7 +25,7 @@ from mvdit.data import DatasetError
 from mvdit.experiment import ExperimentError, load_experiment, tokenizer_dir
 from mvdit.manifest import dataset_from_manifest
 from mvdit.metrics import cross_view_consistency, psnr, ssim, temporal_consistency
-from mvdit.pipeline import generate, latent_frames
+from mvdit.pipeline import compile_blocks, generate, latent_frames
 from mvdit.tokenizer import VideoTokenizer
 from mvdit.video_io import from_model_pixels
 
@@ -71,6 +71,8 @@ def evaluate(args: argparse.Namespace) -> dict | None:
     procs = context_parallel.init_processes(args.device)
     dev = procs.device
     dtype = torch.bfloat16 if (dev.type == "cuda" and inf["precision"] == "bf16") else torch.float32  # as infer.py
+    net_cfg = get_preset(cfg["model"]["preset"], **cfg["model"]["overrides"])
+    attn_kernel = sdpa.resolve(inf["sdpa_backend"], net_cfg.num_heads, net_cfg.head_dim, dtype, dev, args.experiment)
     guidance = inf["guidance"] if args.guidance is None else args.guidance
     dataset = dataset_from_manifest(args.data_manifest, split="held_out")
     n_clips = min(len(dataset), inf["eval_clips"])
@@ -79,14 +81,15 @@ def evaluate(args: argparse.Namespace) -> dict | None:
     tok = None
     if procs.main:  # the other processes only run the DiT on their share of the tokens
         tok = VideoTokenizer(args.tokenizer_dir or tokenizer_dir(cfg), device=dev, dtype=dtype, pixel_chunk_frames=f)
-    net_cfg = get_preset(cfg["model"]["preset"], **cfg["model"]["overrides"])
     models = {
         "post_trained": load_model(net_cfg, args.trained, device=dev, dtype=dtype)[0].eval(),
         "untrained": load_model(net_cfg, args.baseline, device=dev, dtype=dtype)[0].eval(),
     }
-    if procs.world > 1:
-        for model in models.values():
+    for model in models.values():  # sampled as infer.py samples
+        if procs.world > 1:
             context_parallel.enable(model, mode=inf["context_parallel"])
+        if inf["compile"]:
+            compile_blocks(model.net)
     h, w = d["height"] // SPATIAL_COMPRESSION, d["width"] // SPATIAL_COMPRESSION
     latent_shape = (1, net_cfg.in_channels, len(cameras) * latent_frames(f), h, w)
     n_samples = inf["eval_samples"] if args.samples is None else args.samples
@@ -115,19 +118,21 @@ def evaluate(args: argparse.Namespace) -> dict | None:
         for name, model in models.items():
             pix = 0
             for k in range(n_samples):  # the mean of several samples estimates the MSE-optimal prediction
-                latent = generate(
-                    model.net,
-                    gt,
-                    text,
-                    cameras,
-                    n_in,
-                    steps=inf["steps"],
-                    guidance=guidance,
-                    seed=inf["seed"] + 1000 * i + k,
-                    compat=cfg["model"]["compat"],
-                    fps=float(item["fps"]),
-                    progress=False,
-                )
+                with sdpa.backend(inf["sdpa_backend"]):
+                    latent = generate(
+                        model.net,
+                        gt,
+                        text,
+                        cameras,
+                        n_in,
+                        steps=inf["steps"],
+                        guidance=guidance,
+                        seed=inf["seed"] + 1000 * i + k,
+                        compat=cfg["model"]["compat"],
+                        fps=float(item["fps"]),
+                        batch_guidance=inf["batch_guidance"],
+                        progress=False,
+                    )
                 if not procs.main:
                     continue
                 with torch.no_grad():
@@ -156,6 +161,7 @@ def evaluate(args: argparse.Namespace) -> dict | None:
         "guidance": guidance,
         "steps": inf["steps"],
         "context_parallel": procs.world,
+        "sdpa_kernel": attn_kernel,
         "psnr_db": {k: float(np.mean(v)) for k, v in scores.items()},
         "psnr_db_per_clip": scores,
         "single_sample_metrics": {m: {k: float(np.mean(v)) for k, v in d.items() if v} for m, d in extra.items()},

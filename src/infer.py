@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from mvdit import context_parallel
+from mvdit import context_parallel, sdpa
 from mvdit.checkpoint import CheckpointError, atomic_write, load_model, write_json
 from mvdit.config import get_preset
 from mvdit.constants import SPATIAL_COMPRESSION
@@ -113,10 +113,12 @@ def run(args: argparse.Namespace) -> None:
         logging.getLogger().setLevel(logging.WARNING)
     dev = procs.device
     dtype = torch.bfloat16 if (dev.type == "cuda" and inf["precision"] == "bf16") else torch.float32
+    net_cfg = get_preset(cfg["model"]["preset"], **cfg["model"]["overrides"])
+    attn_kernel = sdpa.resolve(inf["sdpa_backend"], net_cfg.num_heads, net_cfg.head_dim, dtype, dev, args.experiment)
+    log.info("attention: SDPA %s kernel (infer.sdpa_backend: %s)", attn_kernel, inf["sdpa_backend"])
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     timings: dict[str, float] = {}
-    net_cfg = get_preset(cfg["model"]["preset"], **cfg["model"]["overrides"])
     n_v, t_lat = len(cameras), latent_frames(d["num_frames"])
     text_shape = (1, n_v * d["text_len"], net_cfg.crossattn_emb_channels)
     latent_shape = (
@@ -194,21 +196,22 @@ def run(args: argparse.Namespace) -> None:
             "frame_repeat": inf["frame_repeat"],
         }
         t0 = time.perf_counter()
-        latent = generate(
-            model.net,
-            gt,
-            texts[ps.name],
-            cameras,
-            ps.num_input_frames,
-            steps=settings["steps"],
-            guidance=settings["guidance"],
-            seed=settings["seed"],
-            compat=settings["compat"],
-            fps=settings["fps"],
-            frame_repeat=settings["frame_repeat"],
-            batch_guidance=inf["batch_guidance"],
-            progress=main_proc,
-        )
+        with sdpa.backend(inf["sdpa_backend"]):
+            latent = generate(
+                model.net,
+                gt,
+                texts[ps.name],
+                cameras,
+                ps.num_input_frames,
+                steps=settings["steps"],
+                guidance=settings["guidance"],
+                seed=settings["seed"],
+                compat=settings["compat"],
+                fps=settings["fps"],
+                frame_repeat=settings["frame_repeat"],
+                batch_guidance=inf["batch_guidance"],
+                progress=main_proc,
+            )
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         sample_s = time.perf_counter() - t0
@@ -245,6 +248,7 @@ def run(args: argparse.Namespace) -> None:
             "context_parallel": procs.world,
             "context_parallel_mode": inf["context_parallel"] if procs.world > 1 else None,
             "dtype": str(dtype),
+            "sdpa_backend": {"setting": inf["sdpa_backend"], "kernel": attn_kernel},
             "resolution": [d["height"], d["width"]],
             "frames_per_view": f,
             "latent_frames": latent_frames(f),

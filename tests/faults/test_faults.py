@@ -21,7 +21,7 @@ from mvdit.checkpoint import atomic_write, build_model, load_model, save_state_d
 from mvdit.config import get_preset
 from mvdit.video_io import read_video
 
-from ..conftest import tiny_inference_setup, train_command
+from ..conftest import mock_experiment, prepare_experiment, tiny_inference_setup, train_command
 
 ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "src"
@@ -67,13 +67,15 @@ def tiny(tmp_path_factory):
     return tiny_inference_setup(tmp_path_factory.mktemp("tiny"), "f", steps=2)
 
 
-def infer(tiny, *, prompt_set=ROOT / "prompts/synthetic_highway.yaml", checkpoint=None, tokenizer=None, out="out"):
+def infer(
+    tiny, *, prompt_set=ROOT / "prompts/synthetic_highway.yaml", checkpoint=None, tokenizer=None, out="out", exp=None
+):
     ck = tiny / "checkpoints"
     cmd = [
         sys.executable,
         SRC / "infer.py",
         "--experiment",
-        tiny / "exp.yaml",
+        exp or tiny / "exp.yaml",
         "--prompt-set",
         prompt_set,
         "--checkpoint",
@@ -105,6 +107,26 @@ def test_inference_runs_with_the_tiny_assets(tiny):
     r = infer(tiny)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tiny / "out/synthetic_highway_grid.mp4").exists()
+    kernel = json.loads((tiny / "out/synthetic_highway.json").read_text())["sdpa_backend"]
+    assert kernel["setting"] == "auto" and kernel["kernel"] in {"flash", "math"}  # torch's CPU choice
+    assert f"attention: SDPA {kernel['kernel']} kernel" in r.stderr
+
+
+@pytest.mark.parametrize("backend", ["math", "cudnn"])
+def test_a_forced_attention_backend_runs_or_stops_before_any_model_loads(tiny, tmp_path, backend):
+    exp = yaml.safe_load((tiny / "exp.yaml").read_text())
+    exp["infer"]["sdpa_backend"] = backend
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(exp))
+    r = infer(tiny, exp=path, out=f"out_{backend}")
+    if backend == "math":  # runs everywhere
+        assert r.returncode == 0, r.stderr[-2000:]
+        meta = json.loads((tiny / "out_math/synthetic_highway.json").read_text())
+        assert meta["sdpa_backend"] == {"setting": "math", "kernel": "math"}
+        return
+    one_error_line(r, path, "infer.sdpa_backend: cudnn cannot run float32 attention on cpu", "auto")
+    assert "Loading weights" not in r.stderr
+    assert not (tiny / "out_cudnn").exists()
 
 
 @pytest.mark.parametrize("kind", ["truncated", "not_a_checkpoint", "wrong_architecture", "missing"])
@@ -243,32 +265,8 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, small_d
     from mvdit.tokenizer import build_tiny_tokenizer
 
     build_tiny_tokenizer(tmp_path / "tok")
-    exp = {
-        "name": "full",
-        "model": {"preset": "tiny"},
-        "data": {"source": "mock", "mock_items": 8, "num_frames": 9, "height": 32, "width": 48, "text_len": 8},
-        "train": {
-            "init": "scratch",
-            "iterations": 8,
-            "save_iter": 4,
-            "nproc": 2,
-            "precision": "fp32",
-            "activation_checkpointing": "none",
-        },
-    }
-    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp))
-    subprocess.run(
-        [
-            sys.executable,
-            SRC / "prepare_data.py",
-            "--experiment",
-            tmp_path / "exp.yaml",
-            "--out-dir",
-            tmp_path / "data",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    exp = mock_experiment("full", iterations=8, save_iter=4, mock_items=8)
+    prepare_experiment(tmp_path, exp)
     out = small_disk / "train"
     cmd = train_command(2, tmp_path / "exp.yaml", tmp_path / "data", out, tmp_path / "tok")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
