@@ -1,5 +1,6 @@
 """Shared fixtures: paths to the bundled reference data, CPU determinism."""
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -45,3 +46,32 @@ def train_command(nproc: int, experiment: Path, data_dir: Path, out: Path, token
     cmd = [sys.executable, ROOT / "src/launch.py", "--nproc", str(nproc), "--", ROOT / "src/train.py"]
     cmd += ["--experiment", experiment, "--data-manifest", data_dir / "manifest.json", "--out-dir", out]
     return [str(c) for c in [*cmd, "--tokenizer-dir", tokenizer, *extra]]
+
+
+def mock_experiment(name: str, iterations: int, save_iter: int, mock_items: int = 16, **train) -> dict:
+    """The tiny model trained from scratch on upstream-style mock data (9 frames at 32x48) by 2 processes in fp32."""
+    data = {"source": "mock", "mock_items": mock_items, "num_frames": 9, "height": 32, "width": 48, "text_len": 8}
+    base = {"init": "scratch", "iterations": iterations, "save_iter": save_iter, "nproc": 2, "lr": 1e-3}
+    base |= {"warmup_steps": 3, "precision": "fp32", "activation_checkpointing": "none"}
+    return {"name": name, "model": {"preset": "tiny"}, "data": data, "train": base | train}
+
+
+def prepare_experiment(d: Path, exp: dict, *prepare_args) -> Path:
+    """`exp` written to d/exp.yaml and its data made under d/data by prepare_data.py, as the rule does (extra
+    arguments, e.g. --t5-dir, pass through). Returns d/exp.yaml."""
+    (d / "exp.yaml").write_text(yaml.safe_dump(exp))
+    cmd = [ROOT / "src/prepare_data.py", "--experiment", d / "exp.yaml", "--out-dir", d / "data", *prepare_args]
+    r = subprocess.run([sys.executable, *map(str, cmd)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return d / "exp.yaml"
+
+
+def prepare_tiny_experiment(d: Path, name: str, **sections) -> Path:
+    """Tiny stand-in checkpoints under d/checkpoints, an experiment of the tiny "release" model with the given
+    sections (data, train, infer) as d/exp.yaml, and its data and T5 embeddings under d/data.
+    Returns d/checkpoints."""
+    ck = d / "checkpoints"
+    build_tiny_assets(ck)
+    exp = {"name": name, "checkpoint_dir": str(ck), "checkpoint_source": "tiny", "model": {"preset": "tiny"}}
+    prepare_experiment(d, exp | sections, "--t5-dir", ck / "google-t5/t5-11b", "--cache-dir", d / "t5_cache")
+    return ck

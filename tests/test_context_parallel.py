@@ -17,7 +17,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import yaml
 from safetensors.torch import load_file, save_file
 
 from mvdit import context_parallel
@@ -25,10 +24,9 @@ from mvdit.config import get_preset
 from mvdit.constants import CAMERAS
 from mvdit.network import LocalTokens, MultiviewDiT, shard_bounds
 from mvdit.pipeline import compile_blocks, generate
-from mvdit.tiny import build_tiny_assets
 from mvdit.video_io import read_video
 
-from .conftest import tiny_inference_setup
+from .conftest import prepare_tiny_experiment, tiny_inference_setup
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
@@ -218,22 +216,13 @@ def test_a_bad_input_stops_every_process_with_the_one_line_error(tiny):
 
 
 def test_evaluate_with_two_processes_scores_the_same_as_one(tmp_path):
-    ck = tmp_path / "checkpoints"
-    build_tiny_assets(ck)
-    exp = {
-        "name": "cp_eval",
-        "checkpoint_dir": str(ck),
-        "checkpoint_source": "tiny",
-        "model": {"preset": "tiny"},
-        "data": {"num_clips": 2, "held_out": 1, "num_frames": 17, "height": 32, "width": 48, "text_len": 8},
-        "infer": {"steps": 2, "precision": "fp32", "eval_clips": 1, "eval_samples": 2},
-    }
-    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp))
+    ck = prepare_tiny_experiment(
+        tmp_path,
+        "cp_eval",
+        data={"num_clips": 2, "held_out": 1, "num_frames": 17, "height": 32, "width": 48, "text_len": 8},
+        infer={"steps": 2, "precision": "fp32", "eval_clips": 1, "eval_samples": 2},
+    )
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    prep = [SRC / "prepare_data.py", "--experiment", tmp_path / "exp.yaml", "--out-dir", tmp_path / "data"]
-    prep += ["--t5-dir", ck / "google-t5/t5-11b", "--cache-dir", tmp_path / "t5_cache"]
-    r = subprocess.run([sys.executable, *map(str, prep)], capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
     release = ck / DIT / "model.pt"
     scores = {}
     for nproc in (1, 2):

@@ -10,11 +10,8 @@ import time
 
 import pytest
 import torch
-import yaml
 
-from mvdit.tiny import build_tiny_assets
-
-from .conftest import ROOT, train_command
+from .conftest import ROOT, prepare_tiny_experiment, train_command
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 SRC = ROOT / "src"
@@ -29,15 +26,11 @@ def py(*args, timeout=600, check=True):
 
 
 def test_train_resume_copy_and_infer_on_cuda(tmp_path):
-    ck = tmp_path / "checkpoints"
-    build_tiny_assets(ck)
-    exp = {
-        "name": "gpu",
-        "checkpoint_dir": str(ck),
-        "checkpoint_source": "tiny",
-        "model": {"preset": "tiny"},
-        "data": {"num_clips": 4, "held_out": 1, "num_frames": 17, "height": 64, "width": 96, "text_len": 16},
-        "train": {
+    ck = prepare_tiny_experiment(
+        tmp_path,
+        "gpu",
+        data={"num_clips": 4, "held_out": 1, "num_frames": 17, "height": 64, "width": 96, "text_len": 16},
+        train={
             "iterations": 300,
             "save_iter": 150,
             "nproc": 1,
@@ -46,25 +39,13 @@ def test_train_resume_copy_and_infer_on_cuda(tmp_path):
             "precision": "bf16",
             "activation_checkpointing": "selective",
         },
-        "infer": {
+        infer={
             "steps": 4,
             "precision": "bf16",
             "offload_text_encoder": True,
             "offload_tokenizer": True,
             "compile": True,
         },
-    }
-    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp))
-    py(
-        SRC / "prepare_data.py",
-        "--experiment",
-        tmp_path / "exp.yaml",
-        "--out-dir",
-        tmp_path / "data",
-        "--t5-dir",
-        ck / "google-t5/t5-11b",
-        "--cache-dir",
-        tmp_path / "t5_cache",
     )
     out = tmp_path / "train"
     cmd = train_command(
@@ -119,27 +100,11 @@ def test_train_resume_copy_and_infer_on_cuda(tmp_path):
 
 
 def test_evaluate_on_cuda_in_bf16(tmp_path):
-    ck = tmp_path / "checkpoints"
-    build_tiny_assets(ck)
-    exp = {
-        "name": "gpu_eval",
-        "checkpoint_dir": str(ck),
-        "checkpoint_source": "tiny",
-        "model": {"preset": "tiny"},
-        "data": {"num_clips": 3, "held_out": 2, "num_frames": 17, "height": 64, "width": 96, "text_len": 16},
-        "infer": {"steps": 3, "precision": "bf16", "eval_clips": 2, "eval_samples": 2},
-    }
-    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp))
-    py(
-        SRC / "prepare_data.py",
-        "--experiment",
-        tmp_path / "exp.yaml",
-        "--out-dir",
-        tmp_path / "data",
-        "--t5-dir",
-        ck / "google-t5/t5-11b",
-        "--cache-dir",
-        tmp_path / "t5_cache",
+    ck = prepare_tiny_experiment(
+        tmp_path,
+        "gpu_eval",
+        data={"num_clips": 3, "held_out": 2, "num_frames": 17, "height": 64, "width": 96, "text_len": 16},
+        infer={"steps": 3, "precision": "bf16", "eval_clips": 2, "eval_samples": 2},
     )
     release = ck / DIT / "model.pt"
     py(

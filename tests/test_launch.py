@@ -15,11 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from mvdit.tokenizer import build_tiny_tokenizer
 
-from .conftest import ROOT
+from .conftest import ROOT, mock_experiment, prepare_experiment
 
 SRC = ROOT / "src"
 sys.path.insert(0, str(SRC))
@@ -134,29 +133,7 @@ def test_cpu_threads_per_process(monkeypatch):
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("launch")
     build_tiny_tokenizer(d / "tokenizer")
-    exp = {
-        "name": "l",
-        "model": {"preset": "tiny"},
-        "data": {"source": "mock", "mock_items": 16, "num_frames": 9, "height": 32, "width": 48, "text_len": 8},
-        "train": {
-            "init": "scratch",
-            "iterations": 10,
-            "save_iter": 5,
-            "nproc": 2,
-            "lr": 1e-3,
-            "warmup_steps": 3,
-            "precision": "fp32",
-            "activation_checkpointing": "none",
-        },
-    }
-    (d / "exp.yaml").write_text(yaml.safe_dump(exp))
-    r = subprocess.run(
-        [sys.executable, SRC / "prepare_data.py", "--experiment", d / "exp.yaml", "--out-dir", d / "data"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr
+    prepare_experiment(d, mock_experiment("l", iterations=10, save_iter=5))
     return d
 
 

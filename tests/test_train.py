@@ -13,7 +13,7 @@ import yaml
 
 from mvdit.tokenizer import build_tiny_tokenizer
 
-from .conftest import ROOT
+from .conftest import ROOT, mock_experiment, prepare_experiment
 
 SRC = ROOT / "src"
 
@@ -22,29 +22,8 @@ SRC = ROOT / "src"
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("train")
     build_tiny_tokenizer(d / "tokenizer")
-    exp = {
-        "name": "t",
-        "model": {"preset": "tiny"},
-        "data": {"source": "mock", "mock_items": 16, "num_frames": 9, "height": 32, "width": 48, "text_len": 8},
-        "train": {
-            "init": "scratch",
-            "iterations": 10,
-            "save_iter": 4,
-            "nproc": 2,
-            "lr": 1e-3,
-            "warmup_steps": 3,
-            "precision": "fp32",
-            "activation_checkpointing": "none",
-            "max_nonfinite_streak": 3,
-        },
-    }
-    (d / "exp.yaml").write_text(yaml.safe_dump(exp))
-    r = subprocess.run(
-        [sys.executable, SRC / "prepare_data.py", "--experiment", d / "exp.yaml", "--out-dir", d / "data"],
-        capture_output=True,
-        text=True,
-    )
-    assert r.returncode == 0, r.stderr
+    exp = mock_experiment("t", iterations=10, save_iter=4, max_nonfinite_streak=3)
+    prepare_experiment(d, exp)
     return d
 
 

@@ -107,6 +107,19 @@ def test_context_parallel_inference_runs_through_the_launcher_with_one_gpu_per_p
     assert prep and "gpu=1" in prep[0] and "cpus_per_task=8" in prep[0]  # one-process jobs keep one GPU
 
 
+def test_evaluation_samples_with_the_inference_processes(tmp_path):
+    exp = yaml.safe_load((ROOT / "experiments/tiny_demo.yaml").read_text())
+    exp["infer"] |= {"nproc": 2}
+    cfg = tmp_path / "cp.yaml"
+    cfg.write_text(yaml.safe_dump(exp))
+    r = snakemake("-n", "-p", "--configfile", str(cfg), "--directory", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    cmds = [ln for ln in r.stdout.splitlines() if "evaluate.py" in ln]
+    assert cmds and "launch.py --nproc 2 --on-stop terminate -- " in cmds[0]
+    jobs = [j for j in r.stdout.split("rule ") if j.startswith("evaluate:")]
+    assert jobs and "cpus_per_task=2" in jobs[0]  # resources.infer are per process
+
+
 def test_default_is_the_tiny_demo_and_plans_evaluation(tmp_path):
     r = snakemake("-n", "--directory", str(tmp_path))
     assert r.returncode == 0, r.stderr

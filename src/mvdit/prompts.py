@@ -22,7 +22,6 @@ import numpy as np
 import yaml
 
 from mvdit.constants import CAMERAS
-from mvdit.video_io import probe_video, read_video, split_views
 
 # upstream's JSONL keys per camera (video2world_multiview.py)
 JSONL_KEYS = {
@@ -132,6 +131,8 @@ def load_prompt_sets(path: Path, cameras: list[str], root: Path) -> list[PromptS
 
 
 def _frame_count(p: Path, source: Path) -> int:
+    from mvdit.video_io import probe_video  # here: video_io imports torch, which the Snakefile's parse need not load
+
     if not p.exists():
         raise PromptSetError(f"{source}: input file {p} does not exist")
     if p.suffix.lower() in IMAGE_SUFFIXES:
@@ -164,6 +165,8 @@ def check_input(ps: PromptSet, cameras: list[str]) -> None:
 
 def read_condition_frames(ps: PromptSet, cameras: list[str]) -> list[np.ndarray]:
     """The last num_input_frames frames of each camera: list of uint8 [N, H, W, 3] in `cameras` order."""
+    from mvdit.video_io import read_video, split_views  # here, as in _frame_count
+
     n = ps.num_input_frames
     if isinstance(ps.input, dict):
         views = {}
