@@ -93,6 +93,7 @@ def test_train_resume_copy_and_infer_on_cuda(tmp_path):
     )
     meta = json.loads((env_out / "synthetic_highway.json").read_text())
     assert meta["device"].startswith("cuda") and meta["dtype"] == "torch.bfloat16"
+    assert meta["sdpa_backend"]["kernel"] in {"cudnn", "flash", "efficient"}  # a fused kernel, not the math one
     assert 0 < meta["peak_gpu_memory_gb"] < 4 and meta["peak_gpu_memory_gb_per_rank"] == [meta["peak_gpu_memory_gb"]]
     assert (env_out / "synthetic_highway_grid.mp4").stat().st_size > 0
     step_s = sorted(s["step_time_s"] for s in steps)[len(steps) // 2]
