@@ -65,3 +65,19 @@ def test_context_parallel_benchmark_measures_real_processes(tmp_path):
         comm = res["results"][key]["comm"]
         assert comm["measured_ms_per_block"] > 0 and comm["bus_gbps"] > 0
         assert res["results"][key]["speedup_vs_1gpu"] > 0
+
+
+def test_block_profile_times_variants_and_groups_kernels(tmp_path):
+    out = tmp_path / "block.json"
+    variants = "eager,eager-contig,compile"
+    run(
+        [sys.executable, ROOT / "benchmarks/block_profile.py", *SMALL, "--variants", variants, "--skip-ceilings"]
+        + ["--reps", "2", "--out", out],
+        tmp_path,
+    )
+    res = json.loads(out.read_text())
+    vs = res["variants"]
+    assert set(vs) == set(variants.split(","))
+    assert all(v["ms_median"] > 0 and v["finite"] for v in vs.values())
+    assert vs["eager-contig"]["rel_diff_vs_eager"] == 0.0  # contiguous inputs change the layout, not the values
+    assert 0 < vs["compile"]["rel_diff_vs_eager"] < 1e-2  # fp32 on the CPU: rounding only
