@@ -81,3 +81,15 @@ def test_block_profile_times_variants_and_groups_kernels(tmp_path):
     assert all(v["ms_median"] > 0 and v["finite"] for v in vs.values())
     assert vs["eager-contig"]["rel_diff_vs_eager"] == 0.0  # contiguous inputs change the layout, not the values
     assert 0 < vs["compile"]["rel_diff_vs_eager"] < 1e-2  # fp32 on the CPU: rounding only
+
+
+def test_train_path_stops_resumes_and_reloads_the_final_ema(tmp_path):
+    out = tmp_path / "path.json"
+    args = ["--preset", "tiny", "--lora", "--height", "32", "--width", "48", "--frames", "9", "--text-len", "8"]
+    args += ["--nproc", "2", "--device", "cpu", "--iterations", "40", "--stop-after", "2", "--out", out]
+    run([sys.executable, ROOT / "benchmarks/train_path.py", *args], tmp_path)
+    res = json.loads(out.read_text())
+    assert res["steps"] == list(range(40))  # one log across the stop and the resume
+    assert 2 <= res["iterations_before_stop"] < 40 and res["final"]["iteration"] == 40
+    assert res["ema_tensors"] > 0 and res["steady_step_s_median"] > 0
+    assert any(k.endswith("_ema_model.pt") for k in res["files_mb"])
