@@ -247,7 +247,6 @@ _compiled_qk = None
 @contextlib.contextmanager
 def fused_qk_norm_rope():
     """Replace Attention.forward with one whose q/k RMSNorm and RoPE run as a torch.compile'd (fused) function."""
-    from einops import rearrange
 
     from mvdit import network
 
@@ -263,13 +262,7 @@ def fused_qk_norm_rope():
         q, k = _compiled_qk(
             self.to_q[0](x), self.to_k[0](ctx), self.to_q[1].weight, self.to_k[1].weight, rope, self.num_heads
         )
-        v = self.heads(self.to_v[0](ctx))
-        if n_groups > 1:
-            q, k, v = (rearrange(t, "b h (g n) d -> (b g) h n d", g=n_groups) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)
-        if n_groups > 1:
-            out = rearrange(out, "(b g) h n d -> b h (g n) d", g=n_groups)
-        return self.to_out[0](rearrange(out, "b h n d -> b n (h d)"))
+        return self.attend(q, k, self.heads(self.to_v[0](ctx)), n_groups)
 
     network.Attention.forward = forward
     try:

@@ -93,3 +93,21 @@ def test_train_path_stops_resumes_and_reloads_the_final_ema(tmp_path):
     assert 2 <= res["iterations_before_stop"] < 40 and res["final"]["iteration"] == 40
     assert res["ema_tensors"] > 0 and res["steady_step_s_median"] > 0
     assert any(k.endswith("_ema_model.pt") for k in res["files_mb"])
+
+
+def test_single_gpu_benchmarks_run_on_the_tiny_preset(tmp_path):
+    """infer.py, train_step.py and train_lora.py: the scripts behind BENCHMARKS.md sections 1-3, on the CPU."""
+    small = ["--preset", "tiny", "--height", "64", "--width", "96", "--frames", "17", "--device", "cpu"]
+    infer = ["--steps", "2", "--gen-steps", "2", "--variants", "base,cudnn+fusedqk,cudnn+compile"]
+    run([sys.executable, ROOT / "benchmarks/infer.py", *small, *infer, "--out", tmp_path / "i.json"], tmp_path)
+    res = json.loads((tmp_path / "i.json").read_text())
+    assert all(v["rel_err_vs_first"] < 0.05 for v in res["variants"].values())  # variants compute the same forward
+    assert all(g["finite"] and len(g["steps_ms"]) == 2 for g in res["generate"].values())
+    run([sys.executable, ROOT / "benchmarks/train_step.py", *small, "--out", tmp_path / "t.json"], tmp_path)
+    res = json.loads((tmp_path / "t.json").read_text())
+    points = [r for v in res["runs"].values() for k, r in v.items() if k != "summary" and isinstance(r, dict)]
+    assert points and all(r["finite"] and r["ms_per_block"] > 0 for r in points)
+    lora = ["--text-len", "16", "--variants", "ac,sac", "--out", tmp_path / "l.json"]
+    run([sys.executable, ROOT / "benchmarks/train_lora.py", *small, *lora], tmp_path)
+    res = json.loads((tmp_path / "l.json").read_text())
+    assert set(res["runs"]) == {"ac", "sac"} and all(r["finite"] for r in res["runs"].values())

@@ -202,6 +202,10 @@ class Attention(nn.Module):
             ]
             out = torch.cat(pieces, dim=2)
             return self.to_out[0](rearrange(out, "b h n d -> b n (h d)"))
+        return self.attend(q, k, v, n_groups)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, n_groups: int = 1) -> Tensor:
+        """Heads [B, h, N, d] (and [B, h, M, d]) attending within n_groups contiguous groups, projected: [B, N, D]."""
         if n_groups > 1:
             q, k, v = (rearrange(t, "b h (g n) d -> (b g) h n d", g=n_groups) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v)
