@@ -286,6 +286,7 @@ def compiled_blocks(net: nn.Module):
     finally:
         for blk in net.blocks.values():
             del blk.forward
+        torch._dynamo.reset()  # the next variant compiles afresh (a compiled graph keeps its SDPA kernel)
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

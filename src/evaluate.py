@@ -25,8 +25,8 @@ from mvdit.data import DatasetError
 from mvdit.experiment import ExperimentError, load_experiment, tokenizer_dir
 from mvdit.manifest import dataset_from_manifest
 from mvdit.metrics import cross_view_consistency, psnr, ssim, temporal_consistency
-from mvdit.pipeline import compile_blocks, generate, latent_frames
-from mvdit.tokenizer import VideoTokenizer
+from mvdit.pipeline import compile_blocks, generate, inference_dtype, latent_frames
+from mvdit.tokenizer import TokenizerLoadError, VideoTokenizer
 from mvdit.video_io import from_model_pixels
 
 
@@ -44,8 +44,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         metrics = evaluate(args)
-    except (ExperimentError, CheckpointError, DatasetError, ValueError) as e:
+    except (ExperimentError, CheckpointError, DatasetError, TokenizerLoadError, ValueError) as e:
         print(f"evaluate.py{context_parallel.rank_tag()}: {e}", file=sys.stderr)
+        return 1
+    except torch.OutOfMemoryError as e:
+        print(
+            f"evaluate.py{context_parallel.rank_tag()}: out of GPU memory ({str(e).splitlines()[0]}); "
+            "set infer.offload_tokenizer, use bf16, fewer data.cameras or fewer infer.eval_samples",
+            file=sys.stderr,
+        )
         return 1
     finally:
         context_parallel.finish()
@@ -70,9 +77,16 @@ def evaluate(args: argparse.Namespace) -> dict | None:
         raise ValueError(f"infer.num_input_frames={n_in} leaves no frame to predict in {f}-frame clips")
     procs = context_parallel.init_processes(args.device)
     dev = procs.device
-    dtype = torch.bfloat16 if (dev.type == "cuda" and inf["precision"] == "bf16") else torch.float32  # as infer.py
+    dtype = inference_dtype(dev, inf["precision"])
     net_cfg = get_preset(cfg["model"]["preset"], **cfg["model"]["overrides"])
-    attn_kernel = sdpa.resolve(inf["sdpa_backend"], net_cfg.num_heads, net_cfg.head_dim, dtype, dev, args.experiment)
+    attn_kernel = sdpa.resolve(
+        inf["sdpa_backend"], net_cfg.num_heads, net_cfg.head_dim, dtype, dev, args.experiment, d["text_len"]
+    )
+    if procs.main:
+        print(
+            f"evaluate: attention: SDPA {attn_kernel} kernel (infer.sdpa_backend: {inf['sdpa_backend']})",
+            file=sys.stderr,
+        )
     guidance = inf["guidance"] if args.guidance is None else args.guidance
     dataset = dataset_from_manifest(args.data_manifest, split="held_out")
     n_clips = min(len(dataset), inf["eval_clips"])
@@ -81,9 +95,10 @@ def evaluate(args: argparse.Namespace) -> dict | None:
     tok = None
     if procs.main:  # the other processes only run the DiT on their share of the tokens
         tok = VideoTokenizer(args.tokenizer_dir or tokenizer_dir(cfg), device=dev, dtype=dtype, pixel_chunk_frames=f)
+    pickle_ok = cfg["model"]["allow_pickle"]
     models = {
-        "post_trained": load_model(net_cfg, args.trained, device=dev, dtype=dtype)[0].eval(),
-        "untrained": load_model(net_cfg, args.baseline, device=dev, dtype=dtype)[0].eval(),
+        "post_trained": load_model(net_cfg, args.trained, device=dev, dtype=dtype, allow_pickle=pickle_ok)[0].eval(),
+        "untrained": load_model(net_cfg, args.baseline, device=dev, dtype=dtype, allow_pickle=pickle_ok)[0].eval(),
     }
     for model in models.values():  # sampled as infer.py samples
         if procs.world > 1:
@@ -99,15 +114,15 @@ def evaluate(args: argparse.Namespace) -> dict | None:
     extra = {m: {"ssim": [], "temporal_consistency": [], "cross_view_matches": []} for m in [*models, "ground_truth"]}
     for i in range(n_clips):
         item = dataset[i]
-        video = item["video"].float().to(dev) / 128.0 - 1  # inference normalisation, [3, V*F, H, W]
-        views = video.reshape(3, len(cameras), f, *video.shape[-2:])
-        target = views[:, :, n_in:]
-        cond = views.clone()
-        cond[:, :, n_in:] = 0  # the input frames, zero-padded as the pipeline does
-        cond_video = cond.reshape(1, 3, len(cameras) * f, *video.shape[-2:])
         gt = None
-        if procs.main:
-            with torch.no_grad():
+        if procs.main:  # the other processes need only the text and fps
+            video = item["video"].float().to(dev) / 128.0 - 1  # inference normalisation, [3, V*F, H, W]
+            views = video.reshape(3, len(cameras), f, *video.shape[-2:])
+            target = views[:, :, n_in:]
+            cond = views.clone()
+            cond[:, :, n_in:] = 0  # the input frames, zero-padded as the pipeline does
+            cond_video = cond.reshape(1, 3, len(cameras) * f, *video.shape[-2:])
+            with torch.no_grad(), tok.on(dev, inf["offload_tokenizer"]):
                 gt = tok.encode_views(cond_video.to(dtype), len(cameras)).to(dtype)
                 recon = tok.decode_views(tok.encode_views(video[None].to(dtype), len(cameras)), len(cameras))[0]
             scores["tokenizer_ceiling"].append(psnr(recon.float().reshape(views.shape)[:, :, n_in:], target))
@@ -135,7 +150,7 @@ def evaluate(args: argparse.Namespace) -> dict | None:
                     )
                 if not procs.main:
                     continue
-                with torch.no_grad():
+                with torch.no_grad(), tok.on(dev, inf["offload_tokenizer"]):
                     sample = tok.decode_views(latent.to(dtype), len(cameras))[0].float()
                     sample = sample.reshape(views.shape).clamp(-1, 1)
                 if k == 0:
@@ -161,7 +176,7 @@ def evaluate(args: argparse.Namespace) -> dict | None:
         "guidance": guidance,
         "steps": inf["steps"],
         "context_parallel": procs.world,
-        "sdpa_kernel": attn_kernel,
+        "sdpa_backend": {"setting": inf["sdpa_backend"], "kernel": attn_kernel},
         "psnr_db": {k: float(np.mean(v)) for k, v in scores.items()},
         "psnr_db_per_clip": scores,
         "single_sample_metrics": {m: {k: float(np.mean(v)) for k, v in d.items() if v} for m, d in extra.items()},

@@ -31,7 +31,15 @@ from mvdit.constants import SPATIAL_COMPRESSION
 from mvdit.experiment import ExperimentError, load_experiment, t5_dir, tokenizer_dir
 from mvdit.hub import file_digests
 from mvdit.lora import LoraError, load_model_with_adapter
-from mvdit.pipeline import compile_blocks, full_grid_views, generate, latent_frames, pad_condition_video, text_context
+from mvdit.pipeline import (
+    compile_blocks,
+    full_grid_views,
+    generate,
+    inference_dtype,
+    latent_frames,
+    pad_condition_video,
+    text_context,
+)
 from mvdit.prompts import PromptSetError, check_input, load_prompt_sets, read_condition_frames
 from mvdit.text_encoder import EmbeddingCache, T5TextEncoder, TextEncoderLoadError, encoder_identity
 from mvdit.tokenizer import TokenizerLoadError, VideoTokenizer
@@ -112,9 +120,11 @@ def run(args: argparse.Namespace) -> None:
     if not main_proc:
         logging.getLogger().setLevel(logging.WARNING)
     dev = procs.device
-    dtype = torch.bfloat16 if (dev.type == "cuda" and inf["precision"] == "bf16") else torch.float32
+    dtype = inference_dtype(dev, inf["precision"])
     net_cfg = get_preset(cfg["model"]["preset"], **cfg["model"]["overrides"])
-    attn_kernel = sdpa.resolve(inf["sdpa_backend"], net_cfg.num_heads, net_cfg.head_dim, dtype, dev, args.experiment)
+    attn_kernel = sdpa.resolve(
+        inf["sdpa_backend"], net_cfg.num_heads, net_cfg.head_dim, dtype, dev, args.experiment, d["text_len"]
+    )
     log.info("attention: SDPA %s kernel (infer.sdpa_backend: %s)", attn_kernel, inf["sdpa_backend"])
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -179,12 +189,8 @@ def run(args: argparse.Namespace) -> None:
             frames = read_condition_frames(ps, cameras)
             views = [to_model_pixels(f, d["height"], d["width"], dtype=torch.float32).to(dev, dtype) for f in frames]
             video = pad_condition_video(views, d["num_frames"])
-            with torch.no_grad():
-                if inf["offload_tokenizer"]:
-                    tok.to(dev)
+            with torch.no_grad(), tok.on(dev, inf["offload_tokenizer"]):
                 gt = tok.encode_views(video, len(cameras)).to(dtype)
-                if inf["offload_tokenizer"]:
-                    tok.offload()
         gt = context_parallel.broadcast_from_main(gt, latent_shape, dtype, procs)
         settings = {
             "steps": args.steps or ps.overrides.get("steps", inf["steps"]),
@@ -220,12 +226,8 @@ def run(args: argparse.Namespace) -> None:
         if not main_proc:
             continue
         t0 = time.perf_counter()
-        with torch.no_grad():
-            if inf["offload_tokenizer"]:
-                tok.to(dev)
+        with torch.no_grad(), tok.on(dev, inf["offload_tokenizer"]):
             pixels = tok.decode_views(latent.to(dtype), len(cameras))[0]
-            if inf["offload_tokenizer"]:
-                tok.offload()
         decode_s = time.perf_counter() - t0
         f = d["num_frames"]
         per_view = {cam: from_model_pixels(pixels[:, i * f : (i + 1) * f]) for i, cam in enumerate(cameras)}

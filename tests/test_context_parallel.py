@@ -224,15 +224,18 @@ def test_evaluate_with_two_processes_scores_the_same_as_one(tmp_path):
     )
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     release = ck / DIT / "model.pt"
-    scores = {}
-    for nproc in (1, 2):
+
+    def evaluate(nproc: int, tokenizer: Path, out: str) -> subprocess.CompletedProcess:
         prog = [SRC / "evaluate.py", "--experiment", tmp_path / "exp.yaml", "--data-manifest"]
         prog += [tmp_path / "data/manifest.json", "--trained", release, "--baseline", release, "--device", "cpu"]
-        prog += ["--tokenizer-dir", ck / "Cosmos-Tokenize1-CV8x8x8-720p", "--out", tmp_path / f"eval{nproc}.json"]
+        prog += ["--tokenizer-dir", tokenizer, "--out", tmp_path / out]
         launch = [] if nproc == 1 else [SRC / "launch.py", "--nproc", nproc, "--"]
-        r = subprocess.run(
-            [sys.executable, *map(str, [*launch, *prog])], capture_output=True, text=True, timeout=600, env=env
-        )
+        cmd = [sys.executable, *map(str, [*launch, *prog])]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+    scores = {}
+    for nproc in (1, 2):
+        r = evaluate(nproc, ck / "Cosmos-Tokenize1-CV8x8x8-720p", f"eval{nproc}.json")
         assert r.returncode == 0, r.stderr[-3000:]
         scores[nproc] = json.loads((tmp_path / f"eval{nproc}.json").read_text())
     one, two = scores[1], scores[2]
@@ -240,4 +243,8 @@ def test_evaluate_with_two_processes_scores_the_same_as_one(tmp_path):
     assert one["clips"] == 1 and all(np.isfinite(v) for v in one["psnr_db"].values())
     assert one["psnr_db_per_clip"] == two["psnr_db_per_clip"]
     assert one["single_sample_metrics"] == two["single_sample_metrics"]
-    assert sorted(p.name for p in tmp_path.glob("eval*")) == ["eval1.json", "eval2.json"]  # rank 0 writes alone
+    # a broken tokenizer is a one-line error, not a traceback
+    r = evaluate(1, tmp_path, "bad.json")
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("evaluate.py: ")]
+    assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert str(tmp_path) in lines[0] and not (tmp_path / "bad.json").exists()

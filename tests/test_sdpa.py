@@ -14,6 +14,7 @@ def test_auto_reports_the_kernel_torch_picks_and_forcing_math_is_honoured():
     assert auto == sdpa.kernel_name(q, q, q) and auto in {"flash", "math"}  # the CPU kernels
     assert sdpa.resolve("math", 4, 16, torch.float32, "cpu") == "math"
     with sdpa.backend("math"):
+        assert sdpa.kernel_name(q, q, q) == "math"
         forced = F.scaled_dot_product_attention(q, q, q)
     torch.testing.assert_close(forced, F.scaled_dot_product_attention(q, q, q), rtol=1e-5, atol=1e-5)
 

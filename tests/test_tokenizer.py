@@ -211,3 +211,19 @@ def test_bad_files_raise_a_one_line_load_error_naming_the_file(tok_dir, tmp_path
     message = str(err.value)
     assert str(tmp_path / name) in message and "\n" not in message
     assert "download" in message
+
+
+def test_on_moves_an_offloaded_tokenizer_for_a_block_of_work_and_back(tok_dir, monkeypatch):
+    tok = VideoTokenizer(tok_dir)
+    moves = []
+    monkeypatch.setattr(tok, "to", lambda d: moves.append(str(d)) or tok)
+    with tok.on("cuda:3", offload=True):
+        assert moves == ["cuda:3"]
+    assert moves == ["cuda:3", "cpu"]  # offload() returns it to the CPU
+    with pytest.raises(RuntimeError), tok.on("cuda:3", offload=True):
+        raise RuntimeError("a failed decode still offloads")
+    assert moves[-1] == "cpu"
+    moves.clear()
+    with tok.on("cuda:3", offload=False):
+        pass
+    assert moves == []  # kept where it is

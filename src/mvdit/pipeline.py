@@ -112,6 +112,11 @@ def compile_blocks(net: torch.nn.Module) -> None:
         blk.forward = torch.compile(blk.forward, dynamic=False)
 
 
+def inference_dtype(device: torch.device, precision: str) -> torch.dtype:
+    """bf16 on a GPU where infer.precision asks for it; fp32 otherwise (the CPU has no fast bf16 kernels)."""
+    return torch.bfloat16 if (device.type == "cuda" and precision == "bf16") else torch.float32
+
+
 def latent_frames(num_frames: int) -> int:
     return 1 + (num_frames - 1) // TEMPORAL_COMPRESSION
 

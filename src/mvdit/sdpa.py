@@ -42,20 +42,30 @@ def kernel_name(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
 
 
 def resolve(
-    name: str, num_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str, source: str = "experiment"
+    name: str,
+    num_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    source: str = "experiment",
+    context_len: int = 512,
 ) -> str:
-    """The kernel that self-attention with these heads runs on `device` under `name`. A forced backend that cannot run
-    there is an ExperimentError naming the file (`source`), the setting and the fix."""
+    """The kernel torch picks under `name` for self-attention with these heads on `device` (a 4096-token probe). The
+    per-view cross-attention (`context_len` keys) is probed too: a forced backend that cannot run either is an
+    ExperimentError naming the file (`source`), the setting and the fix.
+
+    Set the backend before the first compiled call: torch.compile fixes the kernel when it traces."""
     from mvdit.experiment import ExperimentError  # here, so the benchmarks can use this module without jsonschema
 
     q = torch.zeros(1, num_heads, 4096, head_dim, dtype=dtype, device=device)  # a long sequence, as in the DiT
+    kv = torch.zeros(1, num_heads, context_len, head_dim, dtype=dtype, device=device)
     with backend(name):
-        chosen = kernel_name(q, q, q)
-    if name != "auto" and chosen != name:
+        chosen, cross = kernel_name(q, q, q), kernel_name(q, kv, kv)
+    if name != "auto" and (chosen, cross) != (name, name):
         raise ExperimentError(
             f"{source}: infer.sdpa_backend: {name} cannot run {str(dtype).removeprefix('torch.')} attention on "
             f"{torch.device(device).type} with this torch; set it to auto (torch picks) or another backend"
         )
-    if chosen == "none":
+    if "none" in (chosen, cross):
         raise ExperimentError(f"{source}: no attention kernel runs {dtype} on {device}; set infer.precision: fp32")
     return chosen

@@ -3,6 +3,7 @@ per-channel and per-latent-frame mean/std, chunked encode/decode) and the multiv
 `build_tiny_tokenizer` writes a small fixed-basis stand-in in the same file formats for tests and dry runs.
 """
 
+import contextlib
 import json
 import math
 import warnings
@@ -240,6 +241,17 @@ class VideoTokenizer:
         if was_cuda:
             torch.cuda.empty_cache()
         return self
+
+    @contextlib.contextmanager
+    def on(self, device: torch.device | str, offload: bool):
+        """The tokenizer on `device` for a block of work, back on the CPU afterwards when `offload`."""
+        if offload:
+            self.to(device)
+        try:
+            yield self
+        finally:
+            if offload:
+                self.offload()
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
