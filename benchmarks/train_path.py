@@ -37,6 +37,7 @@ import common as C  # noqa: E402
 
 from mvdit.checkpoint import build_model, load_file, load_into  # noqa: E402
 from mvdit.config import get_preset  # noqa: E402
+from mvdit.constants import CAMERAS  # noqa: E402
 from mvdit.tokenizer import build_tiny_tokenizer  # noqa: E402
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -44,11 +45,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="7b-multiview")
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--width", type=int, default=848)
-    p.add_argument("--frames", type=int, default=57)
-    p.add_argument("--text-len", type=int, default=512)
+    C.add_shape_args(p)  # --preset, --views, --height, --width, --frames, --text-len
     p.add_argument("--nproc", type=int, default=1)
     p.add_argument("--iterations", type=int, default=4, help="the whole run (one save, at the end)")
     p.add_argument("--stop-after", type=int, default=2, help="iterations logged before the stop signal")
@@ -75,6 +72,7 @@ def experiment(a) -> dict:
     if a.lora:
         train["lora"] = {"enabled": True, "rank": 16, "alpha": 16}
     data = {"source": "mock", "num_frames": a.frames, "height": a.height, "width": a.width, "text_len": a.text_len}
+    data["cameras"] = list(CAMERAS[: a.views])
     return {"name": "train_path", "model": {"preset": a.preset}, "data": data, "train": train}
 
 
