@@ -1,6 +1,8 @@
 # Post-training and inference of Cosmos-Predict1-7B-Video2World-Sample-AV-Multiview, one rule per step:
 # checkpoints -> data + T5 embeddings -> torchrun post-training -> EMA copy -> inference per prompt set -> report.
 # Default: the tiny demo (CPU, minutes). The 7B experiment: --configfile experiments/video2world_multiview_7b_example.yaml
+# An experiment whose infer.checkpoint is not `post-trained` does not train: download (what is missing) -> infer -> report.
+import re
 import sys
 from pathlib import Path
 
@@ -10,15 +12,15 @@ from snakemake.utils import min_version, validate
 BASE = Path(workflow.basedir)  # scripts, prompts and assets live here; results/ and checkpoints/ in the workdir
 SRC = BASE / "src"
 sys.path.insert(0, str(SRC))
-from mvdit.experiment import ExperimentError, SCHEMA_PATH
+from mvdit.constants import DIT_REPO, T5_REPO, TOKENIZER_REPO
+from mvdit.experiment import RELEASE, SCHEMA_PATH, SCRATCH, Experiment, ExperimentError, check_files
 from mvdit.experiment import validate as validate_experiment
-from mvdit.experiment import dit_dir, post_trained_dir, t5_dir, tokenizer_dir
-from mvdit.prompts import PromptSetError, load_prompt_sets
-from mvdit.stale_locks import clear_stale_locks
+from mvdit.prompts import PromptSetError, resolve_prompt_sets
+from mvdit.stale_locks import clear_stale_locks_if_main
 
 min_version("9.0")
 
-if clear_stale_locks(Path.cwd()):
+if clear_stale_locks_if_main(workflow, Path.cwd()):  # jobs parsing on compute nodes never touch the locks
     print("note: removed locks left by a killed snakemake run of this workflow", file=sys.stderr)
 
 
@@ -28,56 +30,44 @@ if not workflow.config_settings.configfiles:
     configfile: str(BASE / "experiments" / "tiny_demo.yaml")
 
 
+_source = str((workflow.config_settings.configfiles or [BASE / "experiments" / "tiny_demo.yaml"])[-1])
 try:
-    _source = workflow.config_settings.configfiles or [BASE / "experiments" / "tiny_demo.yaml"]
-    validate_experiment(config, str(_source[-1]))  # one-line errors naming the file and key
+    E = Experiment.from_config(validate_experiment(config, _source), _source)  # one-line errors: file and key
+    check_files(E)
 except ExperimentError as e:
     sys.exit(f"error: {e}")
 validate(config, str(SCHEMA_PATH))  # the same schema through Snakemake (defaults already filled)
 
-EXP = config["name"]
-R = f"results/{EXP}"
+R = str(E.results)
 # the venv's Python normally; the rule's conda env's `python` under --sdm conda (scripts find mvdit beside them)
 PY = "python" if "conda" in str(workflow.deployment_settings.deployment_method).lower() else sys.executable
 ENV = "envs/mvdit.yaml"
 RESOLVED = f"{R}/experiment.yaml"  # the validated config every script reads (written when it changes)
 Path(R).mkdir(parents=True, exist_ok=True)
-_text = yaml.safe_dump(dict(config), sort_keys=False)
+_text = yaml.safe_dump(E.to_dict(), sort_keys=False)
 if not Path(RESOLVED).exists() or Path(RESOLVED).read_text() != _text:
     Path(RESOLVED).write_text(_text)
 
-T, INF, RES = config["train"], config["infer"], config["resources"]
-DIT, TOK, T5 = str(dit_dir(config)), str(tokenizer_dir(config)), str(t5_dir(config))
-POST = f"{post_trained_dir(config)}/model.pt"
+T, INF, RES = E.train, E.infer, E.resources
 MANIFEST = ".mvdit_manifest.json"
-# inference reads the post-trained copy, or the released model.pt that the download rule's manifest vouches for
-CKPT_FOR_INFER = POST if INF["checkpoint"] == "post-trained" else f"{DIT}/{MANIFEST}"
+REPO_DIRS = {E.repo_dir(r).relative_to(E.checkpoint_dir).as_posix(): r for r in (DIT_REPO, TOKENIZER_REPO, T5_REPO)}
+DIT, TOK, T5 = (f"{E.repo_dir(r)}/{MANIFEST}" for r in (DIT_REPO, TOKENIZER_REPO, T5_REPO))
+POST = str(E.post_trained)
+
+
+def checkpoint_input(ref: str, path: Path) -> str:
+    """What a rule waits for: the release's download manifest (it vouches for model.pt), or the file itself."""
+    return DIT if ref == RELEASE else str(path)
+
+
 # several inference (and evaluation) processes per sample run under torchrun; a stop signal ends them (nothing to save)
-INFER_RUN = f"{PY} {SRC}/launch.py --nproc {INF['nproc']} --on-stop terminate --" if INF["nproc"] > 1 else PY
-HAS_EVAL = config["data"]["source"] != "mock" and config["data"]["held_out"] > 0 and T["init"] == "release"
-
-
-def prompt_sets():
-    """{name: (file, index)} for prompts/*.yaml and every line of prompts/*.jsonl (optionally filtered)."""
-    sets = {}
-    files = sorted((BASE / "prompts").glob("*.yaml")) + sorted((BASE / "prompts").glob("*.jsonl"))
-    for f in files:
-        try:
-            found = load_prompt_sets(f, config["data"]["cameras"], BASE)
-        except PromptSetError as e:
-            sys.exit(f"error: {e}")
-        for i, ps in enumerate(found):
-            sets[ps.name] = (str(f), i)
-    wanted = INF.get("prompt_sets")
-    if wanted:
-        unknown = sorted(set(wanted) - set(sets))
-        if unknown:
-            sys.exit(f"error: infer.prompt_sets names unknown set {unknown[0]!r} (have: {', '.join(sets)})")
-        sets = {k: v for k, v in sets.items() if k in wanted}
-    return sets
-
-
-SETS = prompt_sets()
+INFER_RUN = f"{PY} {SRC}/launch.py --nproc {INF.nproc} --on-stop terminate --" if INF.nproc > 1 else PY
+# the evaluation compares the post-trained model with the one training started from, on held-out clips
+HAS_EVAL = E.trains and E.data.source != "mock" and E.data.held_out > 0 and INF.eval_clips > 0 and T.init != SCRATCH
+try:
+    SETS = resolve_prompt_sets(INF.prompt_sets, BASE, list(E.data.cameras), BASE / INF.visual_root, _source)
+except PromptSetError as e:
+    sys.exit(f"error: {e}")
 
 
 def res(stage, key, default):
@@ -92,7 +82,7 @@ def slurm_resources(stage):
     out = {keys[k]: v for k, v in RES.get(stage, {}).items() if k in keys}
     if stage != "train":
         return out
-    nodes, gpus = res("train", "nodes", T["nodes"]), res("train", "gpus", 0)
+    nodes, gpus = res("train", "nodes", T.nodes), res("train", "gpus", 0)
     signal = f"--signal=URG@{res('train', 'stop_before_s', min(600, 30 * res('train', 'runtime', 60)))}"
     if nodes == 1:  # runs inside the plugin's `srun -n1 --gpus=G`, where launch.py starts torchrun
         return out | {"gpu": gpus, "slurm_extra": signal}
@@ -104,36 +94,39 @@ def slurm_resources(stage):
 localrules:
     download,
     report,
+    upstream_layout,
 
 
 rule all:
     input:
         f"{R}/report/metrics.json",
-        f"{R}/report/loss.png",
         expand(f"{R}/infer/{{ps}}/{{ps}}_grid.mp4", ps=SETS),
+        f"{R}/post-trained/upstream_layout.json" if E.export.upstream_layout else [],
 
 
 rule download:
     output:
-        dit=f"{DIT}/{MANIFEST}",
-        tokenizer=f"{TOK}/{MANIFEST}",
-        t5=f"{T5}/{MANIFEST}",
+        f"{E.checkpoint_dir}/{{repo}}/{MANIFEST}",
     log:
-        f"{R}/logs/download.log",
+        f"{R}/logs/download/{{repo}}.log",
+    wildcard_constraints:
+        repo="|".join(map(re.escape, REPO_DIRS)),
     conda:
         ENV
     params:
         py=PY,
         src=SRC,
-        source=config["checkpoint_source"],
-        ckpt=lambda w, output: Path(output.dit).parent.parent,
+        source=E.checkpoint_source,
+        ckpt=E.checkpoint_dir,
+        repo=lambda w: REPO_DIRS[w.repo],
     shell:
-        "{params.py} {params.src}/download.py --checkpoint-dir {params.ckpt} --source {params.source} > {log} 2>&1"
+        "{params.py} {params.src}/download.py --checkpoint-dir {params.ckpt} --source {params.source}"
+        " --repo {params.repo} > {log} 2>&1"
 
 
 rule prepare_data:
     input:
-        t5=rules.download.output.t5,
+        t5=T5,
     output:
         f"{R}/data/manifest.json",
     log:
@@ -163,8 +156,8 @@ rule prepare_data:
 rule train:
     input:
         data=rules.prepare_data.output,
-        dit=rules.download.output.dit,
-        tokenizer=rules.download.output.tokenizer,
+        init=[] if T.init == SCRATCH else checkpoint_input(T.init, E.init_checkpoint),
+        tokenizer=TOK,
     output:
         f"{R}/train/final.json",
     log:
@@ -173,33 +166,34 @@ rule train:
         f"{R}/benchmarks/train.tsv"
     conda:
         ENV
-    threads: T["nproc"]
+    threads: T.nproc
     resources:
         **slurm_resources("train"),
-        nodes=res("train", "nodes", T["nodes"]),
-        cpus_per_task=res("train", "cpus_per_task", T["nproc"]),
+        nodes=res("train", "nodes", T.nodes),
+        cpus_per_task=res("train", "cpus_per_task", T.nproc),
         runtime=res("train", "runtime", 60),
         mem_mb=res("train", "mem_mb", 8000),
     params:
         py=PY,
         src=SRC,
         exp=RESOLVED,
-        train=T,
+        train=config["train"],
         model=config["model"],
         out=lambda w, output: Path(output[0]).parent,
-        init=lambda w, input: Path(input.dit).parent / "model.pt",
+        init="" if T.init == SCRATCH else f"--init-checkpoint {E.init_checkpoint}",
         tok=lambda w, input: Path(input.tokenizer).parent,
     shell:
         "{params.py} {params.src}/launch.py --nproc {params.train[nproc]} --nnodes {params.train[nodes]} --"
         " {params.src}/train.py --experiment {params.exp} --data-manifest {input.data} --out-dir {params.out}"
-        " --init-checkpoint {params.init} --tokenizer-dir {params.tok} >> {log} 2>&1"
+        " {params.init} --tokenizer-dir {params.tok} >> {log} 2>&1"
 
 
 rule copy_ema:
     input:
         rules.train.output,
     output:
-        POST,
+        model=POST,
+        config=str(E.post_trained.with_name("config.json")),
     log:
         f"{R}/logs/copy_ema.log",
     conda:
@@ -212,18 +206,39 @@ rule copy_ema:
         py=PY,
         src=SRC,
         exp=RESOLVED,
+        export=config["export"],
         train_dir=lambda w, input: Path(input[0]).parent,
     shell:
-        "{params.py} {params.src}/copy_ema.py --experiment {params.exp} --train-dir {params.train_dir} --out {output}"
-        " > {log} 2>&1"
+        "{params.py} {params.src}/copy_ema.py --experiment {params.exp} --train-dir {params.train_dir}"
+        " --out {output.model} > {log} 2>&1"
+
+
+rule upstream_layout:
+    input:
+        POST,
+    output:
+        f"{R}/post-trained/upstream_layout.json",
+    log:
+        f"{R}/logs/upstream_layout.log",
+    conda:
+        ENV
+    params:
+        py=PY,
+        src=SRC,
+        exp=RESOLVED,
+        to=E.upstream_post_trained,
+    shell:
+        "{params.py} {params.src}/copy_ema.py --experiment {params.exp} --publish {input} --to {params.to}"
+        " --record {output} > {log} 2>&1"
 
 
 rule infer:
     input:
-        checkpoint=CKPT_FOR_INFER,
+        checkpoint=checkpoint_input(INF.checkpoint, E.infer_checkpoint),
+        adapter=INF.adapter or [],
         prompt_set=lambda w: SETS[w.ps][0],
-        tokenizer=rules.download.output.tokenizer,
-        t5=rules.download.output.t5,
+        tokenizer=TOK,
+        t5=T5,
     output:
         grid=report(
             f"{R}/infer/{{ps}}/{{ps}}_grid.mp4",
@@ -248,8 +263,8 @@ rule infer:
         ENV
     resources:  # infer.nproc processes share each sample (context parallelism), one GPU and its CPUs each
         **slurm_resources("infer"),
-        gpu=res("infer", "gpus", 0) * INF["nproc"],
-        cpus_per_task=res("infer", "cpus_per_task", 1) * INF["nproc"],
+        gpu=res("infer", "gpus", 0) * INF.nproc,
+        cpus_per_task=res("infer", "cpus_per_task", 1) * INF.nproc,
         runtime=res("infer", "runtime", 30),
         mem_mb=res("infer", "mem_mb", 4000),
     params:
@@ -257,25 +272,25 @@ rule infer:
         src=SRC,
         base=BASE,
         exp=RESOLVED,
-        infer=INF,
+        infer=config["infer"],
         index=lambda w: SETS[w.ps][1],
-        ckpt=lambda w, input: Path(input.checkpoint).with_name("model.pt"),
+        ckpt=E.infer_checkpoint,
+        adapter=f"--adapter {INF.adapter}" if INF.adapter else "",
         out=lambda w, output: Path(output.meta).parent,
         tok=lambda w, input: Path(input.tokenizer).parent,
         t5=lambda w, input: Path(input.t5).parent,
     shell:
         "{params.run} {params.src}/infer.py --experiment {params.exp} --prompt-set {input.prompt_set} --index {params.index}"
-        " --checkpoint {params.ckpt} --out-dir {params.out} --tokenizer-dir {params.tok} --t5-dir {params.t5}"
-        " --project-root {params.base}"
-        " > {log} 2>&1"
+        " --checkpoint {params.ckpt} {params.adapter} --out-dir {params.out} --tokenizer-dir {params.tok}"
+        " --t5-dir {params.t5} --project-root {params.base} > {log} 2>&1"
 
 
 rule evaluate:
     input:
         trained=POST,
         data=rules.prepare_data.output,
-        dit=rules.download.output.dit,
-        tokenizer=rules.download.output.tokenizer,
+        baseline=checkpoint_input(T.init, E.init_checkpoint or E.release_checkpoint),
+        tokenizer=TOK,
     output:
         f"{R}/report/eval.json",
     log:
@@ -284,16 +299,16 @@ rule evaluate:
         ENV
     resources:  # a GPU job like inference (samples the DiT, infer.nproc processes per sample)
         **slurm_resources("infer"),
-        gpu=res("infer", "gpus", 0) * INF["nproc"],
-        cpus_per_task=res("infer", "cpus_per_task", 1) * INF["nproc"],
+        gpu=res("infer", "gpus", 0) * INF.nproc,
+        cpus_per_task=res("infer", "cpus_per_task", 1) * INF.nproc,
         runtime=res("infer", "runtime", 30),
         mem_mb=res("infer", "mem_mb", 4000),
     params:
         run=INFER_RUN,
         src=SRC,
         exp=RESOLVED,
-        infer=INF,
-        baseline=lambda w, input: Path(input.dit).parent / "model.pt",
+        infer=config["infer"],
+        baseline=E.init_checkpoint or E.release_checkpoint,
         tok=lambda w, input: Path(input.tokenizer).parent,
     shell:
         "{params.run} {params.src}/evaluate.py --experiment {params.exp} --data-manifest {input.data} --trained {input.trained}"
@@ -302,12 +317,16 @@ rule evaluate:
 
 rule report:
     input:
-        train=rules.train.output,
+        train=rules.train.output if E.trains else [],
         eval=rules.evaluate.output if HAS_EVAL else [],
         infer=expand(f"{R}/infer/{{ps}}/{{ps}}.json", ps=SETS),
     output:
-        loss=report(f"{R}/report/loss.png", category="Training", labels={"plot": "loss curve"}),
         metrics=report(f"{R}/report/metrics.json", category="Metrics", labels={"file": "metrics"}),
+        **(
+            {"loss": report(f"{R}/report/loss.png", category="Training", labels={"plot": "loss curve"})}
+            if E.trains
+            else {}
+        ),
     log:
         f"{R}/logs/report.log",
     conda:
@@ -315,9 +334,11 @@ rule report:
     params:
         py=PY,
         src=SRC,
-        title=EXP,
+        title=E.name,
         eval_arg=lambda w, input: f"--eval {input.eval}" if input.eval else "",
-        log_jsonl=lambda w, input: Path(input.train[0]).parent / "train_log.jsonl",
+        train_args=lambda w, input, output: (
+            f"--train-log {Path(input.train[0]).parent / 'train_log.jsonl'} --loss-png {output.loss}" if input.train else ""
+        ),
     shell:
-        "{params.py} {params.src}/report.py --train-log {params.log_jsonl} {params.eval_arg} --infer-json {input.infer}"
-        " --loss-png {output.loss} --metrics {output.metrics} --title {params.title} > {log} 2>&1"
+        "{params.py} {params.src}/report.py {params.train_args} {params.eval_arg} --infer-json {input.infer}"
+        " --metrics {output.metrics} --title {params.title} > {log} 2>&1"

@@ -19,10 +19,9 @@ import torch
 
 from mvdit import context_parallel, sdpa
 from mvdit.checkpoint import CheckpointError, load_model, write_json
-from mvdit.config import get_preset
 from mvdit.constants import SPATIAL_COMPRESSION
 from mvdit.data import DatasetError
-from mvdit.experiment import ExperimentError, load_experiment, tokenizer_dir
+from mvdit.experiment import ExperimentError, load_experiment
 from mvdit.manifest import dataset_from_manifest
 from mvdit.metrics import cross_view_consistency, psnr, ssim, temporal_consistency
 from mvdit.pipeline import compile_blocks, generate, inference_dtype, latent_frames
@@ -70,44 +69,44 @@ def main(argv=None) -> int:
 
 def evaluate(args: argparse.Namespace) -> dict | None:
     cfg = load_experiment(args.experiment)
-    d, inf = cfg["data"], cfg["infer"]
-    cameras, f = d["cameras"], d["num_frames"]
-    n_in = inf["num_input_frames"]
+    d, inf = cfg.data, cfg.infer
+    cameras, f = d.cameras, d.num_frames
+    n_in = inf.num_input_frames
     if n_in >= f:
         raise ValueError(f"infer.num_input_frames={n_in} leaves no frame to predict in {f}-frame clips")
     procs = context_parallel.init_processes(args.device)
     dev = procs.device
-    dtype = inference_dtype(dev, inf["precision"])
-    net_cfg = get_preset(cfg["model"]["preset"], **cfg["model"]["overrides"])
+    dtype = inference_dtype(dev, inf.precision)
+    net_cfg = cfg.net
     attn_kernel = sdpa.resolve(
-        inf["sdpa_backend"], net_cfg.num_heads, net_cfg.head_dim, dtype, dev, args.experiment, d["text_len"]
+        inf.sdpa_backend, net_cfg.num_heads, net_cfg.head_dim, dtype, dev, args.experiment, d.text_len
     )
     if procs.main:
         print(
-            f"evaluate: attention: SDPA {attn_kernel} kernel (infer.sdpa_backend: {inf['sdpa_backend']})",
+            f"evaluate: attention: SDPA {attn_kernel} kernel (infer.sdpa_backend: {inf.sdpa_backend})",
             file=sys.stderr,
         )
-    guidance = inf["guidance"] if args.guidance is None else args.guidance
+    guidance = inf.guidance if args.guidance is None else args.guidance
     dataset = dataset_from_manifest(args.data_manifest, split="held_out")
-    n_clips = min(len(dataset), inf["eval_clips"])
+    n_clips = min(len(dataset), inf.eval_clips)
     if n_clips == 0:
         raise ValueError(f"{args.data_manifest}: no held-out clips to evaluate (set data.held_out > 0)")
     tok = None
     if procs.main:  # the other processes only run the DiT on their share of the tokens
-        tok = VideoTokenizer(args.tokenizer_dir or tokenizer_dir(cfg), device=dev, dtype=dtype, pixel_chunk_frames=f)
-    pickle_ok = cfg["model"]["allow_pickle"]
+        tok = VideoTokenizer(args.tokenizer_dir or cfg.tokenizer_dir, device=dev, dtype=dtype, pixel_chunk_frames=f)
+    pickle_ok = cfg.model.allow_pickle
     models = {
         "post_trained": load_model(net_cfg, args.trained, device=dev, dtype=dtype, allow_pickle=pickle_ok)[0].eval(),
         "untrained": load_model(net_cfg, args.baseline, device=dev, dtype=dtype, allow_pickle=pickle_ok)[0].eval(),
     }
     for model in models.values():  # sampled as infer.py samples
         if procs.world > 1:
-            context_parallel.enable(model, mode=inf["context_parallel"])
-        if inf["compile"]:
+            context_parallel.enable(model, mode=inf.context_parallel)
+        if inf.compile:
             compile_blocks(model.net)
-    h, w = d["height"] // SPATIAL_COMPRESSION, d["width"] // SPATIAL_COMPRESSION
+    h, w = d.height // SPATIAL_COMPRESSION, d.width // SPATIAL_COMPRESSION
     latent_shape = (1, net_cfg.in_channels, len(cameras) * latent_frames(f), h, w)
-    n_samples = inf["eval_samples"] if args.samples is None else args.samples
+    n_samples = inf.eval_samples if args.samples is None else args.samples
     keys = [*models, *(f"{m}_single_sample" for m in models), "copy_last_frame", "tokenizer_ceiling"]
     scores: dict[str, list[float]] = {k: [] for k in keys}
     # single-sample video metrics: SSIM of the predicted frames, temporal and cross-view consistency
@@ -122,7 +121,7 @@ def evaluate(args: argparse.Namespace) -> dict | None:
             cond = views.clone()
             cond[:, :, n_in:] = 0  # the input frames, zero-padded as the pipeline does
             cond_video = cond.reshape(1, 3, len(cameras) * f, *video.shape[-2:])
-            with torch.no_grad(), tok.on(dev, inf["offload_tokenizer"]):
+            with torch.no_grad(), tok.on(dev, inf.offload_tokenizer):
                 gt = tok.encode_views(cond_video.to(dtype), len(cameras)).to(dtype)
                 recon = tok.decode_views(tok.encode_views(video[None].to(dtype), len(cameras)), len(cameras))[0]
             scores["tokenizer_ceiling"].append(psnr(recon.float().reshape(views.shape)[:, :, n_in:], target))
@@ -133,24 +132,24 @@ def evaluate(args: argparse.Namespace) -> dict | None:
         for name, model in models.items():
             pix = 0
             for k in range(n_samples):  # the mean of several samples estimates the MSE-optimal prediction
-                with sdpa.backend(inf["sdpa_backend"]):
+                with sdpa.backend(inf.sdpa_backend):
                     latent = generate(
                         model.net,
                         gt,
                         text,
                         cameras,
                         n_in,
-                        steps=inf["steps"],
+                        steps=inf.steps,
                         guidance=guidance,
-                        seed=inf["seed"] + 1000 * i + k,
-                        compat=cfg["model"]["compat"],
+                        seed=inf.seed + 1000 * i + k,
+                        compat=inf.compat,
                         fps=float(item["fps"]),
-                        batch_guidance=inf["batch_guidance"],
+                        batch_guidance=inf.batch_guidance,
                         progress=False,
                     )
                 if not procs.main:
                     continue
-                with torch.no_grad(), tok.on(dev, inf["offload_tokenizer"]):
+                with torch.no_grad(), tok.on(dev, inf.offload_tokenizer):
                     sample = tok.decode_views(latent.to(dtype), len(cameras))[0].float()
                     sample = sample.reshape(views.shape).clamp(-1, 1)
                 if k == 0:
@@ -170,13 +169,15 @@ def evaluate(args: argparse.Namespace) -> dict | None:
     if not procs.main:
         return None
     return {
-        "experiment": cfg["name"],
+        "experiment": cfg.name,
+        "trained": str(args.trained),
+        "baseline": str(args.baseline),  # the model training started from
         "clips": n_clips,
         "num_input_frames": n_in,
         "guidance": guidance,
-        "steps": inf["steps"],
+        "steps": inf.steps,
         "context_parallel": procs.world,
-        "sdpa_backend": {"setting": inf["sdpa_backend"], "kernel": attn_kernel},
+        "sdpa_backend": {"setting": inf.sdpa_backend, "kernel": attn_kernel},
         "psnr_db": {k: float(np.mean(v)) for k, v in scores.items()},
         "psnr_db_per_clip": scores,
         "single_sample_metrics": {m: {k: float(np.mean(v)) for k, v in d.items() if v} for m, d in extra.items()},

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,9 +27,8 @@ import torch
 
 from mvdit import context_parallel, sdpa
 from mvdit.checkpoint import CheckpointError, atomic_write, load_model, write_json
-from mvdit.config import get_preset
 from mvdit.constants import SPATIAL_COMPRESSION
-from mvdit.experiment import ExperimentError, load_experiment, t5_dir, tokenizer_dir
+from mvdit.experiment import ExperimentError, load_experiment
 from mvdit.hub import file_digests
 from mvdit.lora import LoraError, load_model_with_adapter
 from mvdit.pipeline import (
@@ -64,15 +64,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--experiment", required=True, type=Path)
     ap.add_argument("--prompt-set", required=True, type=Path, help="prompts/<name>.yaml (or an upstream .jsonl)")
-    ap.add_argument("--checkpoint", required=True, type=Path, help="model.pt of the DiT to sample from")
+    ap.add_argument("--checkpoint", type=Path, default=None, help="model.pt to sample from (default: infer.checkpoint)")
     ap.add_argument("--out-dir", required=True, type=Path)
     ap.add_argument("--tokenizer-dir", type=Path, default=None)
     ap.add_argument("--t5-dir", type=Path, default=None)
-    ap.add_argument("--cache-dir", type=Path, default=Path("results/t5_cache"))
+    ap.add_argument("--cache-dir", type=Path, default=None, help="prompt embeddings (default: results/<name>/t5_cache)")
     ap.add_argument("--project-root", type=Path, default=Path.cwd(), help="relative prompt-set paths resolve here")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=None, help="override the number of sampling steps")
-    ap.add_argument("--adapter", type=Path, default=None, help="LoRA adapter (safetensors) applied to --checkpoint")
+    ap.add_argument("--adapter", type=Path, default=None, help="LoRA adapter (default: infer.adapter)")
     ap.add_argument("--index", type=int, default=None, help="run only this set of a multi-set (JSONL) file")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
@@ -103,16 +103,25 @@ def main(argv=None) -> int:
 
 def run(args: argparse.Namespace) -> None:
     cfg = load_experiment(args.experiment)
-    d, inf = cfg["data"], cfg["infer"]
-    cameras = d["cameras"]
+    d, inf = cfg.data, cfg.infer
+    cameras = list(d.cameras)
     # everything that can be wrong with the inputs is found before any model loads (by every process)
-    sets = load_prompt_sets(args.prompt_set, cameras, args.project_root)
+    sets = load_prompt_sets(
+        args.prompt_set,
+        cameras,
+        args.project_root,
+        defaults=inf.sampling_defaults(),
+        visual_root=args.project_root / inf.visual_root,
+    )
     if args.index is not None:
         if not 0 <= args.index < len(sets):
             raise PromptSetError(f"{args.prompt_set}: no prompt set at index {args.index} (it has {len(sets)})")
         sets = [sets[args.index]]
     for ps in sets:
         check_input(ps, cameras)
+    args.checkpoint = args.checkpoint or cfg.infer_checkpoint
+    args.adapter = args.adapter or (Path(inf.adapter) if inf.adapter else None)
+    args.cache_dir = args.cache_dir or cfg.results / "t5_cache"
     if not args.checkpoint.is_file():
         raise CheckpointError(f"checkpoint {args.checkpoint} does not exist: run the train and copy_ema rules first")
     procs = context_parallel.init_processes(args.device)
@@ -120,36 +129,36 @@ def run(args: argparse.Namespace) -> None:
     if not main_proc:
         logging.getLogger().setLevel(logging.WARNING)
     dev = procs.device
-    dtype = inference_dtype(dev, inf["precision"])
-    net_cfg = get_preset(cfg["model"]["preset"], **cfg["model"]["overrides"])
+    dtype = inference_dtype(dev, inf.precision)
+    net_cfg = cfg.net
     attn_kernel = sdpa.resolve(
-        inf["sdpa_backend"], net_cfg.num_heads, net_cfg.head_dim, dtype, dev, args.experiment, d["text_len"]
+        inf.sdpa_backend, net_cfg.num_heads, net_cfg.head_dim, dtype, dev, args.experiment, d.text_len
     )
-    log.info("attention: SDPA %s kernel (infer.sdpa_backend: %s)", attn_kernel, inf["sdpa_backend"])
+    log.info("attention: SDPA %s kernel (infer.sdpa_backend: %s)", attn_kernel, inf.sdpa_backend)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     timings: dict[str, float] = {}
-    n_v, t_lat = len(cameras), latent_frames(d["num_frames"])
-    text_shape = (1, n_v * d["text_len"], net_cfg.crossattn_emb_channels)
+    n_v, t_lat = len(cameras), latent_frames(d.num_frames)
+    text_shape = (1, n_v * d.text_len, net_cfg.crossattn_emb_channels)
     latent_shape = (
         1,
         net_cfg.in_channels,
         n_v * t_lat,
-        d["height"] // SPATIAL_COMPRESSION,
-        d["width"] // SPATIAL_COMPRESSION,
+        d.height // SPATIAL_COMPRESSION,
+        d.width // SPATIAL_COMPRESSION,
     )
 
     t0 = time.perf_counter()
     texts = {}
     if main_proc:  # the text encoder runs (and is released) before the DiT loads
-        t5 = args.t5_dir or t5_dir(cfg)
+        t5 = args.t5_dir or cfg.t5_dir
         cache = EmbeddingCache(args.cache_dir, encoder_identity(t5, dtype))  # bf16 and fp32 are cached apart
-        t5_device = "cpu" if inf["offload_text_encoder"] else dev
+        t5_device = "cpu" if inf.offload_text_encoder else dev
         for ps in sets:
             embs = cache.encode_cached(
                 lambda: T5TextEncoder(t5, device=t5_device, dtype=dtype), list(ps.prompts.values())
             )
-            texts[ps.name] = text_context(embs, d["text_len"]).to(dev, dtype)
+            texts[ps.name] = text_context(embs, d.text_len).to(dev, dtype)
     for ps in sets:
         texts[ps.name] = context_parallel.broadcast_from_main(texts.get(ps.name), text_shape, dtype, procs)
     timings["text_encoder_s"] = time.perf_counter() - t0
@@ -158,26 +167,26 @@ def run(args: argparse.Namespace) -> None:
     tok = None
     if main_proc:  # only the main process encodes the condition frames and decodes the result
         tok = VideoTokenizer(
-            args.tokenizer_dir or tokenizer_dir(cfg), device=dev, dtype=dtype, pixel_chunk_frames=d["num_frames"]
+            args.tokenizer_dir or cfg.tokenizer_dir, device=dev, dtype=dtype, pixel_chunk_frames=d.num_frames
         )
     if args.adapter is not None:  # base + LoRA adapter, not merged
         model = load_model_with_adapter(
-            net_cfg, args.checkpoint, args.adapter, device=dev, dtype=dtype, allow_pickle=cfg["model"]["allow_pickle"]
+            net_cfg, args.checkpoint, args.adapter, device=dev, dtype=dtype, allow_pickle=cfg.model.allow_pickle
         )
     else:
         model, _ = load_model(
-            net_cfg, args.checkpoint, device=dev, dtype=dtype, allow_pickle=cfg["model"]["allow_pickle"]
+            net_cfg, args.checkpoint, device=dev, dtype=dtype, allow_pickle=cfg.model.allow_pickle
         )
     model.eval()
     if procs.world > 1:
-        context_parallel.enable(model, mode=inf["context_parallel"])
+        context_parallel.enable(model, mode=inf.context_parallel)
         log.info(
             "context parallelism (%s) over %d processes: each holds 1/%d of the tokens",
-            inf["context_parallel"],
+            inf.context_parallel,
             procs.world,
             procs.world,
         )
-    if inf["compile"]:
+    if inf.compile:
         compile_blocks(model.net)
     ckpt_sha = sha256_of(args.checkpoint) if main_proc else None
     timings["load_s"] = time.perf_counter() - t0
@@ -187,22 +196,20 @@ def run(args: argparse.Namespace) -> None:
         gt = None
         if main_proc:
             frames = read_condition_frames(ps, cameras)
-            views = [to_model_pixels(f, d["height"], d["width"], dtype=torch.float32).to(dev, dtype) for f in frames]
-            video = pad_condition_video(views, d["num_frames"])
-            with torch.no_grad(), tok.on(dev, inf["offload_tokenizer"]):
+            views = [to_model_pixels(f, d.height, d.width, dtype=torch.float32).to(dev, dtype) for f in frames]
+            video = pad_condition_video(views, d.num_frames)
+            with torch.no_grad(), tok.on(dev, inf.offload_tokenizer):
                 gt = tok.encode_views(video, len(cameras)).to(dtype)
         gt = context_parallel.broadcast_from_main(gt, latent_shape, dtype, procs)
-        settings = {
-            "steps": args.steps or ps.overrides.get("steps", inf["steps"]),
-            "guidance": float(ps.overrides.get("guidance", inf["guidance"])),
-            "seed": int(ps.overrides.get("seed", inf["seed"])),
-            "fps": float(ps.overrides.get("fps", inf["fps"])),
-            "num_input_frames": ps.num_input_frames,
-            "compat": cfg["model"]["compat"],
-            "frame_repeat": inf["frame_repeat"],
+        settings = ps.settings | {
+            "steps": args.steps or ps.settings["steps"],
+            "compat": inf.compat,
+            "frame_repeat": inf.frame_repeat,
         }
+        if os.environ.get("MVDIT_DEBUG_OOM") == f"{procs.rank}:{ps.name}":  # fault injection for the test suite
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected on rank {procs.rank})")
         t0 = time.perf_counter()
-        with sdpa.backend(inf["sdpa_backend"]):
+        with sdpa.backend(inf.sdpa_backend):
             latent = generate(
                 model.net,
                 gt,
@@ -215,7 +222,7 @@ def run(args: argparse.Namespace) -> None:
                 compat=settings["compat"],
                 fps=settings["fps"],
                 frame_repeat=settings["frame_repeat"],
-                batch_guidance=inf["batch_guidance"],
+                batch_guidance=inf.batch_guidance,
                 progress=main_proc,
             )
         if dev.type == "cuda":
@@ -226,20 +233,21 @@ def run(args: argparse.Namespace) -> None:
         if not main_proc:
             continue
         t0 = time.perf_counter()
-        with torch.no_grad(), tok.on(dev, inf["offload_tokenizer"]):
+        with torch.no_grad(), tok.on(dev, inf.offload_tokenizer):
             pixels = tok.decode_views(latent.to(dtype), len(cameras))[0]
         decode_s = time.perf_counter() - t0
-        f = d["num_frames"]
+        f = d.num_frames
         per_view = {cam: from_model_pixels(pixels[:, i * f : (i + 1) * f]) for i, cam in enumerate(cameras)}
         write_outputs(args.out_dir, ps, cameras, per_view, settings["fps"])
         meta = {
             "prompt_set": ps.name,
             "source": str(ps.source),
             "prompts": ps.prompts,
+            "default_prompts": ps.default_prompt_cameras,  # cameras given upstream's default side-camera prompts
             "input": str(ps.input),
             "settings": settings,
-            "experiment": cfg["name"],
-            "model_preset": cfg["model"]["preset"],
+            "experiment": cfg.name,
+            "model_preset": cfg.model.preset,
             "checkpoint": str(args.checkpoint),
             "checkpoint_sha256": ckpt_sha,
             "adapter": str(args.adapter) if args.adapter else None,
@@ -248,10 +256,10 @@ def run(args: argparse.Namespace) -> None:
             "device": str(dev),
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
             "context_parallel": procs.world,
-            "context_parallel_mode": inf["context_parallel"] if procs.world > 1 else None,
+            "context_parallel_mode": inf.context_parallel if procs.world > 1 else None,
             "dtype": str(dtype),
-            "sdpa_backend": {"setting": inf["sdpa_backend"], "kernel": attn_kernel},
-            "resolution": [d["height"], d["width"]],
+            "sdpa_backend": {"setting": inf.sdpa_backend, "kernel": attn_kernel},
+            "resolution": [d.height, d.width],
             "frames_per_view": f,
             "latent_frames": latent_frames(f),
             "timings_s": timings

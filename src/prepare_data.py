@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from mvdit.checkpoint import write_json
 from mvdit.data import DatasetError, HeldOutSplit, save_t5_embedding, scan_clips, t5_path
-from mvdit.experiment import ExperimentError, load_experiment, t5_dir
+from mvdit.experiment import ExperimentError, load_experiment
 from mvdit.synthetic import make_synthetic_dataset
 from mvdit.text_encoder import EmbeddingCache, T5TextEncoder, TextEncoderLoadError, encoder_identity
 from mvdit.video_io import VideoReadError
@@ -51,34 +51,36 @@ def main(argv=None) -> int:
     ap.add_argument("--experiment", required=True, type=Path)
     ap.add_argument("--out-dir", required=True, type=Path, help="synthetic clips and manifest.json go here")
     ap.add_argument("--t5-dir", type=Path, default=None, help="default: <checkpoint_dir>/google-t5/t5-11b")
-    ap.add_argument("--cache-dir", type=Path, default=Path("results/t5_cache"), help="prompt embedding cache")
+    ap.add_argument("--cache-dir", type=Path, default=None, help="prompt embeddings (default: results/<name>/t5_cache)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
     try:
         cfg = load_experiment(args.experiment)
-        d = cfg["data"]
-        manifest = {k: d[k] for k in ("source", "cameras", "num_frames", "height", "width", "text_len", "fps", "seed")}
-        if d["source"] == "mock":
-            manifest |= {"mock_items": d["mock_items"], "train": [], "held_out": []}
+        d = cfg.data
+        keys = ("source", "cameras", "num_frames", "height", "width", "text_len", "fps", "seed")
+        manifest = {k: getattr(d, k) for k in keys}
+        if d.source == "mock":
+            manifest |= {"mock_items": d.mock_items, "train": [], "held_out": []}
         else:
-            if d["source"] == "synthetic":
+            if d.source == "synthetic":
                 root = args.out_dir / "clips"
                 make_synthetic_dataset(
-                    root, d["num_clips"], d["num_frames"], d["height"], d["width"], d["seed"], fps=d["fps"]
+                    root, d.num_clips, d.num_frames, d.height, d.width, d.seed, fps=d.fps
                 )
             else:
-                root = Path(d["root"])
-            view_map = d.get("view_map")
-            skipped: list[tuple[str, str]] | None = [] if d["skip_bad_clips"] else None
+                root = Path(d.root)
+            view_map = d.view_map
+            skipped: list[tuple[str, str]] | None = [] if d.skip_bad_clips else None
             if view_map is None:  # our layout: captions -> T5 embeddings (upstream's layout ships its own pickles)
-                t5 = args.t5_dir or t5_dir(cfg)
-                n = embed_captions(root, d["cameras"], d["num_frames"], t5, args.cache_dir, args.device, skipped)
+                t5 = args.t5_dir or cfg.t5_dir
+                cache = args.cache_dir or cfg.results / "t5_cache"
+                n = embed_captions(root, d.cameras, d.num_frames, t5, cache, args.device, skipped)
                 log.info("%d new T5 embeddings under %s", n, root / "t5")
             clips = scan_clips(
                 root,
-                d["cameras"],
-                d["num_frames"],
+                d.cameras,
+                d.num_frames,
                 view_map=view_map,
                 require_captions=view_map is None,
                 require_t5=True,
@@ -90,15 +92,15 @@ def main(argv=None) -> int:
                 raise DatasetError(f"no usable clips under {root}; fix the clips listed above")
             names = [c.name for c in clips]
             n_clips = len(names)
-            frac = d["held_out"] / n_clips if n_clips else 0.0
-            train, held = HeldOutSplit(fraction=frac, seed=d["seed"], min_held_out=min(d["held_out"], 1)).split(names)
+            frac = d.held_out / n_clips if n_clips else 0.0
+            train, held = HeldOutSplit(fraction=frac, seed=d.seed, min_held_out=min(d.held_out, 1)).split(names)
             manifest |= {
                 "root": str(root),
                 "train": train,
                 "held_out": held,
                 "view_map": view_map,
-                "allow_pickle": d["allow_pickle"],
-                "window_stride": d.get("window_stride"),
+                "allow_pickle": d.allow_pickle,
+                "window_stride": d.window_stride,
                 "skipped": [{"clip": c, "reason": r} for c, r in skipped or []],
             }
         write_json(args.out_dir / "manifest.json", manifest)

@@ -49,37 +49,46 @@ def plot_losses(log: list[dict], path: Path, title: str) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
+def train_summary(train_log: Path, loss_png: Path, title: str) -> dict:
+    """Plot the loss curve and summarise the run; ValueError (one line) for an unreadable or empty log."""
+    try:
+        log = read_log(train_log)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {train_log} ({e}); rerun the train rule") from e
+    if not log:
+        raise ValueError(f"{train_log} has no steps; rerun the train rule")
+    plot_losses(log, loss_png, title)
+    tail = log[-max(1, len(log) // 10) :]
+    return {
+        "iterations": len(log),
+        "first_loss": log[0]["loss"],
+        "final_loss_mean_last_10pct": float(np.mean([r["loss"] for r in tail])),
+        "final_weighted_mse_mean_last_10pct": float(np.mean([r["edm_loss"] for r in tail])),
+        "skipped_steps": sum(bool(r.get("skipped")) for r in log),
+        "samples_per_s_median": float(np.median([r["samples_per_s"] for r in log])),
+        "step_time_s_median": float(np.median([r["step_time_s"] for r in log])),
+        "peak_mem_gb": max(r["peak_mem_gb"] for r in log),
+    }
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--train-log", required=True, type=Path)
+    ap.add_argument("--train-log", type=Path, default=None, help="train_log.jsonl (none for an inference-only run)")
     ap.add_argument("--eval", type=Path, default=None, help="eval.json of evaluate.py (optional)")
     ap.add_argument("--infer-json", type=Path, nargs="*", default=[])
-    ap.add_argument("--loss-png", required=True, type=Path)
+    ap.add_argument("--loss-png", type=Path, default=None, help="the loss plot (with --train-log)")
     ap.add_argument("--metrics", required=True, type=Path)
     ap.add_argument("--title", default="post-training")
     args = ap.parse_args(argv)
-    try:
-        log = read_log(args.train_log)
-    except (OSError, json.JSONDecodeError) as e:
-        print(f"report.py: cannot read {args.train_log} ({e}); rerun the train rule", file=sys.stderr)
-        return 1
-    if not log:
-        print(f"report.py: {args.train_log} has no steps; rerun the train rule", file=sys.stderr)
-        return 1
-    plot_losses(log, args.loss_png, args.title)
-    tail = log[-max(1, len(log) // 10) :]
-    metrics = {
-        "train": {
-            "iterations": len(log),
-            "first_loss": log[0]["loss"],
-            "final_loss_mean_last_10pct": float(np.mean([r["loss"] for r in tail])),
-            "final_weighted_mse_mean_last_10pct": float(np.mean([r["edm_loss"] for r in tail])),
-            "skipped_steps": sum(bool(r.get("skipped")) for r in log),
-            "samples_per_s_median": float(np.median([r["samples_per_s"] for r in log])),
-            "step_time_s_median": float(np.median([r["step_time_s"] for r in log])),
-            "peak_mem_gb": max(r["peak_mem_gb"] for r in log),
-        },
-    }
+    if (args.train_log is None) != (args.loss_png is None):
+        ap.error("--train-log and --loss-png go together")
+    metrics = {}
+    if args.train_log is not None:
+        try:
+            metrics["train"] = train_summary(args.train_log, args.loss_png, args.title)
+        except ValueError as e:
+            print(f"report.py: {e}", file=sys.stderr)
+            return 1
     if args.eval and args.eval.exists():
         metrics["held_out"] = json.loads(args.eval.read_text())
     metrics["inference"] = {}

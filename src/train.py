@@ -9,6 +9,7 @@ SIGUSR1/SIGTERM. Example: torchrun --nproc_per_node=2 src/train.py --experiment 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -34,18 +35,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from tqdm import tqdm
 
-from mvdit.checkpoint import CheckpointError, atomic_write, build_model, load_model, save_state_dict, write_json
-from mvdit.config import get_preset
-from mvdit.experiment import (
-    ExperimentError,
-    camera_indices,
-    dit_dir,
-    ema_beta,
-    ema_gamma,
-    load_experiment,
-    lr_multiplier,
-    tokenizer_dir,
-)
+from mvdit.checkpoint import CheckpointError, atomic_write, save_state_dict, write_json
+from mvdit.experiment import ExperimentError, ema_beta, ema_gamma, load_experiment, lr_multiplier
 from mvdit.lora import (
     AdapterEma,
     LoraSettings,
@@ -68,6 +59,7 @@ from mvdit.parallel import (
     parallelize,
     sharded_state,
 )
+from mvdit.starting_point import initial_state_dict
 from mvdit.tokenizer import VideoTokenizer
 
 log = logging.getLogger("train")
@@ -84,12 +76,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--experiment", required=True, type=Path, help="experiment YAML")
     ap.add_argument("--data-manifest", required=True, type=Path, help="manifest.json written by prepare_data.py")
     ap.add_argument("--out-dir", required=True, type=Path, help="checkpoints/, train_log.jsonl and final.json go here")
-    ap.add_argument("--init-checkpoint", type=Path, default=None, help="default: <checkpoint_dir>/<DiT repo>/model.pt")
+    ap.add_argument("--init-checkpoint", type=Path, default=None, help="default: the model.pt train.init names")
     ap.add_argument("--tokenizer-dir", type=Path, default=None, help="default: <checkpoint_dir>/<tokenizer repo>")
     ap.add_argument("--iterations", type=int, default=None, help="override train.iterations")
     ap.add_argument("--save-iter", type=int, default=None, help="override train.save_iter")
     ap.add_argument("--debug-nan-at", default="", help=argparse.SUPPRESS)  # fault injection for the test suite
     ap.add_argument("--debug-kill-in-save", type=int, default=-1, help=argparse.SUPPRESS)
+    ap.add_argument("--debug-inf-at", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--debug-oom-at", type=int, default=-1, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 
@@ -235,26 +229,9 @@ def load_checkpoint(ckpt_dir: Path, it: int, model, ema, optim, sched, gen, d, l
 # ----------------------------------------------------------------------------------------------- model set-up
 
 
-def initial_state_dict(cfg: dict, init_path: Path | None) -> dict:
-    """Rank 0: the full fp32 state dict training starts from (strictly loaded release, or seeded scratch)."""
-    net_cfg = get_preset(cfg["model"]["preset"], **cfg["model"]["overrides"])
-    if cfg["train"]["init"] == "scratch":
-        return build_model(net_cfg, seed=cfg["train"]["seed"]).state_dict()
-    model, report = load_model(
-        net_cfg,
-        init_path,
-        reinit=cfg["model"]["reinit"],
-        ignore=cfg["model"]["ignore_keys"],
-        allow_pickle=cfg["model"]["allow_pickle"],
-    )
-    log.info("loaded %d tensors from %s (%d re-initialised)", len(report.loaded), init_path, len(report.reinitialised))
-    return model.state_dict()
-
-
 def sharded_model(
-    cfg: dict, d, full_sd: dict | None, param_dtype, ac, lora=None, compile_blocks: bool = False
+    net_cfg, d, full_sd: dict | None, param_dtype, ac, lora=None, compile_blocks: bool = False
 ) -> DiffusionModel:
-    net_cfg = get_preset(cfg["model"]["preset"], **cfg["model"]["overrides"])
     with torch.device("meta"):
         model = DiffusionModel(net_cfg)
     if lora is not None:
@@ -305,11 +282,11 @@ def peak_memory_gb(device) -> float:
 
 def train(args: argparse.Namespace) -> int:
     cfg = load_experiment(args.experiment)
-    t = cfg["train"]
-    iterations = args.iterations or t["iterations"]
-    save_iter = args.save_iter or t["save_iter"]
-    d = init_distributed(t["shard_group_size"], hybrid=t["sharding"] == "hybrid")
-    torch.manual_seed(t["seed"] + d.rank)
+    t = cfg.train
+    iterations = args.iterations or t.iterations
+    save_iter = args.save_iter or t.save_iter
+    d = init_distributed(t.shard_group_size, hybrid=t.sharding == "hybrid")
+    torch.manual_seed(t.seed + d.rank)
     out = args.out_dir
     ckpt_dir = out / "checkpoints"
     if d.main:
@@ -328,24 +305,23 @@ def train(args: argparse.Namespace) -> int:
         (pid_dir / f"rank{d.rank}.pid").write_text(str(os.getpid()))
 
     gpu = d.device.type == "cuda"
-    param_dtype = torch.bfloat16 if (gpu and t["precision"] == "bf16") else None
-    ac = t["activation_checkpointing"]
-    init_path = args.init_checkpoint or dit_dir(cfg) / "model.pt"
-    lora = LoraSettings.from_dict(t["lora"]) if t["lora"]["enabled"] else None
-    full_sd = initial_state_dict(cfg, init_path) if d.main else None
+    param_dtype = torch.bfloat16 if (gpu and t.precision == "bf16") else None
+    ac = t.activation_checkpointing
+    lora = LoraSettings.from_dict(dataclasses.asdict(t.lora)) if t.lora.enabled else None
+    full_sd = initial_state_dict(cfg, args.init_checkpoint) if d.main else None
     if lora is not None and d.main:
-        full_sd = lora_init_state_dict(full_sd, lora, torch.Generator().manual_seed(t["seed"]))
-    model = sharded_model(cfg, d, full_sd, param_dtype, ac, lora, compile_blocks=t["compile"])
+        full_sd = lora_init_state_dict(full_sd, lora, torch.Generator().manual_seed(t.seed))
+    model = sharded_model(cfg.net, d, full_sd, param_dtype, ac, lora, compile_blocks=t.compile)
     if lora is None:
-        ema = sharded_model(cfg, d, full_sd, None, False).requires_grad_(False)
+        ema = sharded_model(cfg.net, d, full_sd, None, False).requires_grad_(False)
         params = list(model.parameters())
     else:
         ema, params = AdapterEma(model), lora_parameters(model)
     del full_sd
-    optim = torch.optim.AdamW(params, lr=t["lr"], betas=tuple(t["betas"]), eps=t["eps"], weight_decay=t["weight_decay"])
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda k: lr_multiplier(k, t["warmup_steps"], t["warmup_start"]))
-    gen = torch.Generator(device=d.device).manual_seed(t["seed"] * 1000 + d.rank)
-    gamma = ema_gamma(t["ema_rate"])
+    optim = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda k: lr_multiplier(k, t.warmup_steps, t.warmup_start))
+    gen = torch.Generator(device=d.device).manual_seed(t.seed * 1000 + d.rank)
+    gamma = ema_gamma(t.ema_rate)
     start, skipped_total = 0, 0
     latest = read_latest(ckpt_dir)
     if latest is not None:
@@ -354,29 +330,30 @@ def train(args: argparse.Namespace) -> int:
         if d.main:
             log.info("resumed from %s at iteration %d", ckpt_dir / ckpt_name(latest), latest)
 
-    dataset = dataset_from_manifest(args.data_manifest, split="train", cache_items=cfg["data"]["cache_in_memory"])
-    sampler = ResumableSampler(len(dataset), d, t["batch_size"], seed=t["seed"], start_step=start)
+    dataset = dataset_from_manifest(args.data_manifest, split="train", cache_items=cfg.data.cache_in_memory)
+    sampler = ResumableSampler(len(dataset), d, t.batch_size, seed=t.seed, start_step=start)
     loader = torch.utils.data.DataLoader(
         dataset,
-        batch_size=t["batch_size"],
+        batch_size=t.batch_size,
         sampler=sampler,
-        num_workers=cfg["data"]["num_workers"],
+        num_workers=cfg.data.num_workers,
         pin_memory=gpu,
         drop_last=True,
     )
     tokenizer = VideoTokenizer(
-        args.tokenizer_dir or tokenizer_dir(cfg),
+        args.tokenizer_dir or cfg.tokenizer_dir,
         device=d.device,
         dtype=torch.bfloat16 if param_dtype else torch.float32,
-        pixel_chunk_frames=cfg["data"]["num_frames"],
+        pixel_chunk_frames=cfg.data.num_frames,
     )
-    n_views = len(cfg["data"]["cameras"])
-    view_ids = torch.tensor(camera_indices(cfg), device=d.device)  # each camera keeps its view-embedding row
-    loss_cfg = LossConfig(text_dropout=t["text_dropout"], max_cond_frames=t["max_cond_frames"])
+    n_views = len(cfg.data.cameras)
+    view_ids = torch.tensor(cfg.camera_indices, device=d.device)  # each camera keeps its view-embedding row
+    loss_cfg = LossConfig(text_dropout=t.text_dropout, max_cond_frames=t.max_cond_frames)
     nan_at = {int(s) for s in args.debug_nan_at.split(",") if s}
+    inf_at = {int(s) for s in args.debug_inf_at.split(",") if s}
 
     writer = None
-    if t["tensorboard"] and d.main:
+    if t.tensorboard and d.main:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
@@ -417,8 +394,12 @@ def train(args: argparse.Namespace) -> int:
         loss = out_loss.loss
         if it in nan_at:
             loss = loss * float("nan")
+        if it in inf_at:
+            loss = loss + float("inf")  # finite gradients: only the loss check catches it
+        if it == args.debug_oom_at:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected by --debug-oom-at)")
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, t["grad_clip"])
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         stats = torch.stack(
             [loss.detach(), out_loss.edm_loss.detach(), out_loss.mse_loss.detach(), out_loss.logvar.detach().mean()]
@@ -456,7 +437,7 @@ def train(args: argparse.Namespace) -> int:
                 "grad_norm": float(grad_norm),
                 "lr": lr,
                 "n_cond": draws.n_cond,
-                "samples_per_s": d.world * t["batch_size"] / step_time,
+                "samples_per_s": d.world * t.batch_size / step_time,
                 "step_time_s": step_time,
                 "peak_mem_gb": peak_memory_gb(d.device),
                 "skipped": not finite,
@@ -469,7 +450,7 @@ def train(args: argparse.Namespace) -> int:
                     writer.add_scalar(f"train/{key}", rec[key], rec["step"])
             bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}")
             bar.update(1)
-        if streak >= t["max_nonfinite_streak"]:
+        if streak >= t.max_nonfinite_streak:
             last = read_latest(ckpt_dir)
             msg = (
                 f"{streak} non-finite steps in a row (last at iteration {it - 1}); last good checkpoint: "
@@ -496,7 +477,7 @@ def train(args: argparse.Namespace) -> int:
                 final=it == iterations,
             )
             if d.main:
-                prune_checkpoints(ckpt_dir, t["keep_checkpoints"])
+                prune_checkpoints(ckpt_dir, t.keep_checkpoints)
         if flag.item() and it < iterations:
             if d.main:
                 print(
@@ -520,7 +501,7 @@ def train(args: argparse.Namespace) -> int:
                 "ema_adapter": f"{stem}_ema_adapter.safetensors" if lora is not None else None,
                 "skipped_steps": skipped_total,
                 "world_size": d.world,
-                "experiment": cfg["name"],
+                "experiment": cfg.name,
             },
         )
     return 0

@@ -1,27 +1,46 @@
 """Experiment YAML validation: defaults, unknown keys, wrong types and impossible combinations are one-line errors."""
 
+import dataclasses
+from pathlib import Path
+
 import pytest
 import yaml
 
-from mvdit.experiment import ExperimentError, ema_beta, ema_gamma, load_experiment, lr_multiplier, validate
+from mvdit.experiment import (
+    DataCfg,
+    Experiment,
+    ExperimentError,
+    ExportCfg,
+    InferCfg,
+    LoraCfg,
+    ModelCfg,
+    TrainCfg,
+    check_files,
+    ema_beta,
+    ema_gamma,
+    load_experiment,
+    load_schema,
+    lr_multiplier,
+    validate,
+)
 
 from .conftest import ROOT
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "experiments").glob("*.yaml")))
 def test_every_shipped_experiment_validates(name):
-    cfg = load_experiment(ROOT / "experiments" / name)
-    assert cfg["name"] and cfg["train"]["iterations"] >= 1
+    exp = load_experiment(ROOT / "experiments" / name)
+    assert exp.name == name.removesuffix(".yaml") and exp.train.iterations >= 1
 
 
 def test_7b_example_has_upstreams_settings():
-    cfg = load_experiment(ROOT / "experiments" / "video2world_multiview_7b_example.yaml")
-    t, d = cfg["train"], cfg["data"]
-    assert (d["num_frames"], d["height"], d["width"], len(d["cameras"])) == (57, 480, 848, 6)
-    assert (t["iterations"], t["save_iter"], t["batch_size"]) == (2000, 200, 1)
-    assert t["lr"] == pytest.approx(2**-14.3) and t["betas"] == [0.9, 0.99] and t["eps"] == 1e-10
-    assert t["weight_decay"] == 0.1 and t["warmup_steps"] == 2500 and t["ema_rate"] == 0.1
-    assert d["source"] == "mock" and cfg["model"]["preset"] == "7b-multiview"
+    exp = load_experiment(ROOT / "experiments" / "video2world_multiview_7b_example.yaml")
+    t, d = exp.train, exp.data
+    assert (d.num_frames, d.height, d.width, len(d.cameras)) == (57, 480, 848, 6)
+    assert (t.iterations, t.save_iter, t.batch_size) == (2000, 200, 1)
+    assert t.lr == pytest.approx(2**-14.3) and t.betas == (0.9, 0.99) and t.eps == 1e-10
+    assert t.weight_decay == 0.1 and t.warmup_steps == 2500 and t.ema_rate == 0.1
+    assert d.source == "mock" and exp.model.preset == "7b-multiview" and exp.trains
 
 
 @pytest.mark.parametrize(
@@ -37,6 +56,10 @@ def test_7b_example_has_upstreams_settings():
         ({"data": {"source": "real"}}, "data.root"),
         ({"infer": {"num_input_frames": 5}}, "infer.num_input_frames"),
         ({"model": {"overrides": {"wings": 2}}}, "model.overrides"),
+        ({"model": {"compat": "head"}}, "model.compat has moved to infer.compat"),
+        ({"export": {"iteration": 300}}, "export.iteration: 300 is not an iteration training saves (last, or one of"),
+        ({"export": {"weights": "best"}}, "export.weights"),
+        ({"infer": {"checkpoint": "release"}, "export": {"upstream_layout": True}}, "export.upstream_layout"),
     ],
 )
 def test_bad_configs_are_one_line_errors_naming_the_key(change, message):
@@ -66,5 +89,50 @@ def test_schedule_and_ema_match_upstream():
 def test_defaults_are_filled(tmp_path):
     p = tmp_path / "e.yaml"
     p.write_text(yaml.safe_dump({"name": "e"}))
-    cfg = load_experiment(p)
-    assert cfg["train"]["save_iter"] == 200 and cfg["infer"]["steps"] == 35 and cfg["model"]["compat"] == "fixed"
+    exp = load_experiment(p)
+    assert exp.train.save_iter == 200 and exp.infer.steps == 35 and exp.infer.compat == "fixed"
+    assert exp.export == ExportCfg(iteration="last", weights="ema", upstream_layout=False, replace_upstream=False)
+    assert exp.trains and exp.post_trained == Path("results/e/post-trained/model.pt")
+
+
+def test_typed_sections_have_exactly_the_schema_keys():
+    props = load_schema()["properties"]
+    sections = {"model": ModelCfg, "data": DataCfg, "train": TrainCfg, "infer": InferCfg, "export": ExportCfg}
+    for name, cls in sections.items():
+        assert {f.name for f in dataclasses.fields(cls)} == set(props[name]["properties"]), name
+    lora = props["train"]["properties"]["lora"]["properties"]
+    assert {f.name for f in dataclasses.fields(LoraCfg)} == set(lora)
+    top = {f.name for f in dataclasses.fields(Experiment)} - {"source"}
+    assert top == set(props)
+
+
+def test_resolved_experiment_round_trips(tmp_path):
+    exp = load_experiment(ROOT / "experiments" / "video2world_multiview_7b_lora.yaml")
+    p = tmp_path / "resolved.yaml"
+    p.write_text(yaml.safe_dump(exp.to_dict()))
+    again = load_experiment(p)
+    assert dataclasses.replace(again, source=exp.source) == exp
+
+
+@pytest.mark.parametrize(
+    "key, value, trains, path",
+    [
+        ("checkpoint", "post-trained", True, "results/e/post-trained/model.pt"),
+        ("checkpoint", "release", False, "checkpoints/Cosmos-Predict1-7B-Video2World-Sample-AV-Multiview/model.pt"),
+        ("checkpoint", "somewhere/model.pt", False, "somewhere/model.pt"),
+    ],
+)
+def test_what_inference_reads_decides_whether_the_experiment_trains(key, value, trains, path):
+    exp = Experiment.from_config(validate({"name": "e", "infer": {key: value}}))
+    assert exp.trains is trains and exp.infer_checkpoint == Path(path)
+
+
+def test_files_the_user_brings_must_exist(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for section, key in (("infer", "checkpoint"), ("infer", "adapter"), ("train", "init")):
+        cfg = {"name": "e", section: {key: "mine/model.pt"}}
+        with pytest.raises(ExperimentError, match=rf"^e.yaml: {section}.{key}: mine/model.pt does not exist"):
+            check_files(Experiment.from_config(validate(cfg), "e.yaml"))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine/model.pt").write_bytes(b"x")
+    check_files(Experiment.from_config(validate({"name": "e", "train": {"init": "mine/model.pt"}}), "e.yaml"))

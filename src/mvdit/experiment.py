@@ -5,13 +5,15 @@ express. Every problem is one line naming the file, the key and the fix. Snakema
 from __future__ import annotations
 
 import copy
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import jsonschema
 import numpy as np
 import yaml
 
-from mvdit.config import get_preset
+from mvdit.config import NetConfig, get_preset
 from mvdit.constants import CAMERAS, DIT_REPO, SPATIAL_COMPRESSION, T5_REPO, TEMPORAL_COMPRESSION, TOKENIZER_REPO
 
 SCHEMA_PATH = Path(__file__).with_name("experiment.schema.yaml")
@@ -45,10 +47,17 @@ def _key(path) -> str:
     return ".".join(str(p) for p in path) or "<top level>"
 
 
+# keys that moved: the old place is an error naming the new one
+MOVED = {("model", "compat"): "infer.compat"}
+
+
 def validate(config: dict, source: str = "<config>") -> dict:
     """Validate in place (filling defaults) and return the config; raises ExperimentError (one line)."""
     if not isinstance(config, dict):
         raise ExperimentError(f"{source}: an experiment must be a YAML mapping, got {type(config).__name__}")
+    for (section, key), new in MOVED.items():
+        if isinstance(config.get(section), dict) and key in config[section]:
+            raise ExperimentError(f"{source}: {section}.{key} has moved to {new}; move the line there")
     errors = sorted(_Validator(load_schema()).iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         e = errors[0]
@@ -106,6 +115,14 @@ def check_combinations(cfg: dict, source: str) -> None:
     gpus = cfg["resources"].get("train", {}).get("gpus")
     if gpus and gpus != t["nproc"]:
         fail("resources.train.gpus", f"{gpus} GPUs per node but train.nproc={t['nproc']} processes; make them equal")
+    e = cfg["export"]
+    if e["iteration"] != "last":
+        saved = sorted({*range(t["save_iter"], t["iterations"] + 1, t["save_iter"]), t["iterations"]})
+        if e["iteration"] not in saved:
+            near = ", ".join(str(n) for n in saved[:3]) + (f", ..., {saved[-1]}" if len(saved) > 3 else "")
+            fail("export.iteration", f"{e['iteration']} is not an iteration training saves (last, or one of {near})")
+    if e["upstream_layout"] and i["checkpoint"] != POST_TRAINED:
+        fail("export.upstream_layout", f"exports this experiment's training, but infer.checkpoint is {i['checkpoint']}")
     heads = net.num_heads
     if i["nproc"] > 1 and i["context_parallel"] == "ulysses" and heads % i["nproc"]:
         fail(
@@ -121,7 +138,23 @@ def check_combinations(cfg: dict, source: str) -> None:
         )
 
 
-def load_experiment(path: str | Path) -> dict:
+def check_files(exp: Experiment) -> None:
+    """The files a user brings (a checkpoint to sample from or start training from, an adapter) must exist."""
+    brought = {"infer.checkpoint": exp.infer.checkpoint, "infer.adapter": exp.infer.adapter}
+    if exp.trains and exp.train.init not in (RELEASE, SCRATCH):
+        brought["train.init"] = exp.train.init
+    for key, ref in brought.items():
+        if ref is None or ref in (RELEASE, POST_TRAINED):
+            continue
+        if not Path(ref).is_file():
+            where = "" if Path(ref).is_absolute() else f" (relative to {Path.cwd()})"
+            raise ExperimentError(
+                f"{exp.source}: {key}: {ref} does not exist{where}; give the path of an existing file"
+                + (", or release / post-trained" if key == "infer.checkpoint" else "")
+            )
+
+
+def load_experiment(path: str | Path) -> Experiment:
     """Read, validate and default an experiment YAML file."""
     path = Path(path)
     try:
@@ -135,34 +168,243 @@ def load_experiment(path: str | Path) -> dict:
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ExperimentError(f"{path}:{where}: malformed YAML ({problem}); fix the syntax there") from e
-    return validate(cfg, str(path))
+    return Experiment.from_config(validate(cfg, str(path)), str(path))
 
 
-def repo_dir(cfg: dict, repo: str) -> Path:
-    """checkpoints/<repo name> as upstream lays it out (google-t5/t5-11b keeps its org folder)."""
-    name = repo if repo == T5_REPO else repo.split("/", 1)[1]
-    return Path(cfg["checkpoint_dir"]) / name
+# ----------------------------------------------------------------------------------------------- the typed experiment
+# One frozen dataclass per section, built once from the validated (defaulted) mapping; a test checks that their
+# fields are exactly the schema's properties, so the two cannot drift apart.
 
 
-def dit_dir(cfg: dict) -> Path:
-    return repo_dir(cfg, DIT_REPO)
+@dataclass(frozen=True)
+class ModelCfg:
+    preset: str
+    overrides: dict
+    reinit: tuple[str, ...]  # applied when training starts from the release
+    ignore_keys: tuple[str, ...]
+    allow_pickle: bool
 
 
-def tokenizer_dir(cfg: dict) -> Path:
-    return repo_dir(cfg, TOKENIZER_REPO)
+@dataclass(frozen=True)
+class DataCfg:
+    source: str  # synthetic | mock | real
+    num_clips: int
+    held_out: int
+    mock_items: int
+    num_frames: int  # pixel frames per view, 1 + 8k
+    height: int
+    width: int
+    cameras: tuple[str, ...]
+    text_len: int
+    fps: float
+    seed: int
+    num_workers: int
+    cache_in_memory: bool
+    allow_pickle: bool
+    skip_bad_clips: bool
+    root: str | None = None
+    view_map: dict | None = None
+    window_stride: int | None = None
 
 
-def t5_dir(cfg: dict) -> Path:
-    return repo_dir(cfg, T5_REPO)
+@dataclass(frozen=True)
+class LoraCfg:
+    enabled: bool
+    rank: int
+    alpha: float
+    dropout: float
+    targets: tuple[str, ...]
 
 
-def post_trained_dir(cfg: dict) -> Path:
-    """Where the copy rule puts the EMA weights (upstream doc: <ckpt dir>/<name>_post-trained/model.pt)."""
-    return Path(cfg["checkpoint_dir"]) / f"{dit_dir(cfg).name}_post-trained"
+@dataclass(frozen=True)
+class TrainCfg:
+    init: str  # release | scratch | path of a model.pt
+    iterations: int
+    save_iter: int
+    batch_size: int
+    nproc: int
+    nodes: int
+    lr: float
+    weight_decay: float
+    betas: tuple[float, float]
+    eps: float
+    warmup_steps: int
+    warmup_start: float
+    grad_clip: float
+    ema_rate: float
+    text_dropout: float
+    max_cond_frames: int
+    precision: str
+    activation_checkpointing: str
+    compile: bool
+    sharding: str
+    shard_group_size: int
+    seed: int
+    max_nonfinite_streak: int
+    tensorboard: bool
+    keep_checkpoints: int
+    lora: LoraCfg
 
 
-def camera_indices(cfg: dict) -> list[int]:
-    return [CAMERAS.index(c) for c in cfg["data"]["cameras"]]
+@dataclass(frozen=True)
+class InferCfg:
+    checkpoint: str  # post-trained | release | path of a model.pt
+    adapter: str | None
+    compat: str
+    steps: int
+    guidance: float
+    seed: int
+    fps: float
+    num_input_frames: int
+    frame_repeat: float
+    offload_text_encoder: bool
+    offload_tokenizer: bool
+    precision: str
+    batch_guidance: bool
+    compile: bool
+    sdpa_backend: str
+    nproc: int
+    context_parallel: str
+    visual_root: str
+    eval_clips: int
+    eval_samples: int
+    prompt_sets: tuple[str, ...] | None = None
+
+    def sampling_defaults(self) -> dict:
+        """What a prompt set that does not say takes from the experiment."""
+        keys = ("num_input_frames", "seed", "guidance", "steps", "fps")
+        return {k: getattr(self, k) for k in keys}
+
+
+@dataclass(frozen=True)
+class ExportCfg:
+    iteration: str | int  # "last" or a saved iteration
+    weights: str  # ema | reg
+    upstream_layout: bool
+    replace_upstream: bool
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A validated experiment with every default filled; paths are relative to the working directory."""
+
+    name: str
+    checkpoint_dir: str
+    checkpoint_source: str
+    model: ModelCfg
+    data: DataCfg
+    train: TrainCfg
+    infer: InferCfg
+    export: ExportCfg
+    resources: dict  # {"train": {...}, "infer": {...}}: cluster settings read by the Snakefile only
+    source: str = "<config>"  # the file it came from, for error messages
+
+    @classmethod
+    def from_config(cls, cfg: dict, source: str = "<config>") -> Experiment:
+        """From a mapping that `validate` has already checked and defaulted."""
+        t = dict(cfg["train"])
+        t["lora"] = _section(LoraCfg, t["lora"])
+        return cls(
+            name=cfg["name"],
+            checkpoint_dir=cfg["checkpoint_dir"],
+            checkpoint_source=cfg["checkpoint_source"],
+            model=_section(ModelCfg, cfg["model"]),
+            data=_section(DataCfg, cfg["data"]),
+            train=_section(TrainCfg, t),
+            infer=_section(InferCfg, cfg["infer"]),
+            export=_section(ExportCfg, cfg["export"]),
+            resources=copy.deepcopy(cfg["resources"]),
+            source=source,
+        )
+
+    # --- what runs
+    @property
+    def trains(self) -> bool:
+        """Only an experiment whose inference reads its own post-trained model trains."""
+        return self.infer.checkpoint == POST_TRAINED
+
+    @property
+    def net(self) -> NetConfig:
+        return get_preset(self.model.preset, **self.model.overrides)
+
+    @property
+    def camera_indices(self) -> list[int]:
+        return [CAMERAS.index(c) for c in self.data.cameras]
+
+    # --- where things are: checkpoints/<repo name>/ as upstream lays them out, results/<name>/ for everything else
+    def repo_dir(self, repo: str) -> Path:
+        name = repo if repo == T5_REPO else repo.split("/", 1)[1]  # google-t5/t5-11b keeps its org folder
+        return Path(self.checkpoint_dir) / name
+
+    @property
+    def dit_dir(self) -> Path:
+        return self.repo_dir(DIT_REPO)
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.repo_dir(TOKENIZER_REPO)
+
+    @property
+    def t5_dir(self) -> Path:
+        return self.repo_dir(T5_REPO)
+
+    @property
+    def release_checkpoint(self) -> Path:
+        return self.dit_dir / "model.pt"
+
+    @property
+    def results(self) -> Path:
+        return Path("results") / self.name
+
+    @property
+    def post_trained(self) -> Path:
+        """This experiment's post-trained model (the export rule writes it; nobody else does)."""
+        return self.results / "post-trained" / "model.pt"
+
+    @property
+    def upstream_post_trained(self) -> Path:
+        """Where upstream's inference script reads a post-trained model: <ckpt dir>/<DiT name>_post-trained/model.pt."""
+        return Path(self.checkpoint_dir) / f"{self.dit_dir.name}_post-trained" / "model.pt"
+
+    @property
+    def infer_checkpoint(self) -> Path:
+        return checkpoint_path(self, self.infer.checkpoint)
+
+    @property
+    def init_checkpoint(self) -> Path | None:
+        """The model.pt training starts from (None: from scratch)."""
+        return None if self.train.init == SCRATCH else checkpoint_path(self, self.train.init)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return _plain(d)
+
+
+POST_TRAINED, RELEASE, SCRATCH = "post-trained", "release", "scratch"
+
+
+def checkpoint_path(exp: Experiment, ref: str) -> Path:
+    """`release`, `post-trained` (this experiment's), or a model.pt path as written."""
+    if ref == RELEASE:
+        return exp.release_checkpoint
+    if ref == POST_TRAINED:
+        return exp.post_trained
+    return Path(ref)
+
+
+def _section(cls, d: dict):
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
+    return cls(**values)
+
+
+def _plain(obj):
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
 
 
 def lr_multiplier(step: int, warmup_steps: int, f_start: float) -> float:
@@ -191,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = 0
     for path in argv if argv is not None else sys.argv[1:]:
         try:
-            load_experiment(path)
+            check_files(load_experiment(path))
             print(f"{path}: ok")
         except ExperimentError as e:
             print(f"error: {e}", file=sys.stderr)
