@@ -15,7 +15,7 @@ sys.path.insert(0, str(SRC))
 from mvdit.constants import DIT_REPO, T5_REPO, TOKENIZER_REPO
 from mvdit.experiment import RELEASE, SCHEMA_PATH, SCRATCH, Experiment, ExperimentError, check_files
 from mvdit.experiment import validate as validate_experiment
-from mvdit.prompts import PromptSetError, resolve_prompt_sets
+from mvdit.prompts import PromptSetError, load_prompt_sets, resolve_prompt_sets
 from mvdit.stale_locks import clear_stale_locks_if_main
 
 min_version("9.0")
@@ -68,6 +68,13 @@ try:
     SETS = resolve_prompt_sets(INF.prompt_sets, BASE, list(E.data.cameras), BASE / INF.visual_root, _source)
 except PromptSetError as e:
     sys.exit(f"error: {e}")
+
+
+def set_inputs(w) -> list[str]:
+    """The clips or stills a prompt set conditions on: inputs of its infer job, so a missing one shows in the plan."""
+    file, index = SETS[w.ps]
+    ps = load_prompt_sets(file, list(E.data.cameras), BASE, visual_root=BASE / INF.visual_root)[index]
+    return [str(p) for p in (ps.input.values() if isinstance(ps.input, dict) else [ps.input])]
 
 
 def res(stage, key, default):
@@ -237,6 +244,7 @@ rule infer:
         checkpoint=checkpoint_input(INF.checkpoint, E.infer_checkpoint),
         adapter=INF.adapter or [],
         prompt_set=lambda w: SETS[w.ps][0],
+        visual=set_inputs,
         tokenizer=TOK,
         t5=T5,
     output:
@@ -321,12 +329,12 @@ rule report:
         eval=rules.evaluate.output if HAS_EVAL else [],
         infer=expand(f"{R}/infer/{{ps}}/{{ps}}.json", ps=SETS),
     output:
-        metrics=report(f"{R}/report/metrics.json", category="Metrics", labels={"file": "metrics"}),
         **(
             {"loss": report(f"{R}/report/loss.png", category="Training", labels={"plot": "loss curve"})}
             if E.trains
             else {}
         ),
+        metrics=report(f"{R}/report/metrics.json", category="Metrics", labels={"file": "metrics"}),
     log:
         f"{R}/logs/report.log",
     conda:
@@ -337,7 +345,9 @@ rule report:
         title=E.name,
         eval_arg=lambda w, input: f"--eval {input.eval}" if input.eval else "",
         train_args=lambda w, input, output: (
-            f"--train-log {Path(input.train[0]).parent / 'train_log.jsonl'} --loss-png {output.loss}" if input.train else ""
+            f"--train-log {Path(input.train[0]).parent / 'train_log.jsonl'} --loss-png {output.loss}"
+            if input.train
+            else ""
         ),
     shell:
         "{params.py} {params.src}/report.py {params.train_args} {params.eval_arg} --infer-json {input.infer}"

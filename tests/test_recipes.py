@@ -94,17 +94,39 @@ def test_recipe_continued_training_starts_from_another_experiments_result(tmp_pa
     other = tmp_path / "results/video2world_multiview_7b_example/post-trained/model.pt"
     other.parent.mkdir(parents=True)
     other.write_bytes(b"x")
-    exp = shipped("video2world_multiview_7b_example", name="continued", train={"init": str(other.relative_to(tmp_path))})
+    exp = shipped(
+        "video2world_multiview_7b_example", name="continued", train={"init": str(other.relative_to(tmp_path))}
+    )
     assert plan(tmp_path, exp) == post_training(2)  # no release download: training starts from the other result
 
 
+def upstream_checkout(d: Path) -> Path:
+    """Upstream's assets/diffusion/ layout with both clips its batch file names (the second a stand-in copy)."""
+    clips = d / "upstream/assets/diffusion"
+    clips.mkdir(parents=True)
+    for name in ("video2world_multiview_input1.mp4", "video2world_multiview_input2.mp4"):
+        shutil.copyfile(ROOT / "assets/video2world_multiview_input1.mp4", clips / name)
+    return d / "upstream"
+
+
 def test_recipe_prompt_sets_from_anywhere(tmp_path):
-    exp = shipped(
-        "video2world_multiview_7b_release",
-        infer={"prompt_sets": ["snowy_road", "assets/video2world_multiview.jsonl", str(ROOT / "prompts/synthetic_*.yaml")]},
-    )
+    entries = ["snowy_road", "assets/video2world_multiview.jsonl", str(ROOT / "prompts/synthetic_*.yaml")]
+    exp = shipped("video2world_multiview_7b_release", infer={"prompt_sets": entries})
+    exp["infer"]["visual_root"] = str(upstream_checkout(tmp_path))
     n_jsonl = len((ROOT / "assets/video2world_multiview.jsonl").read_text().splitlines())
     assert plan(tmp_path, exp) == inference_only(3, n_sets=1 + n_jsonl + 2)
+
+
+def test_upstreams_batch_file_names_the_clip_this_repository_lacks(tmp_path):
+    """Shipped as upstream ships it: its first clip resolves in the repository, its second is upstream's only."""
+    exp = shipped("video2world_multiview_7b_release", infer={"prompt_sets": ["assets/video2world_multiview.jsonl"]})
+    cfg = tmp_path / "e.yaml"
+    cfg.write_text(yaml.safe_dump(exp))
+    r = snakemake("-n", "--configfile", str(cfg), "--directory", str(tmp_path))
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and "Missing input files for rule infer" in out
+    missing = out.split("Missing input files")[1]
+    assert "assets/diffusion/video2world_multiview_input2.mp4" in missing and "input1.mp4" not in missing
 
 
 def test_experiments_side_by_side_plan_disjoint_outputs(tmp_path):
@@ -215,6 +237,36 @@ def test_inference_only_on_a_brought_checkpoint_never_writes_it(trained):
     meta = json.loads((res / "infer/synthetic_stills/synthetic_stills.json").read_text())
     assert meta["checkpoint"] == "mine/model.pt" and meta["checkpoint_sha256"] == before
     assert "train" not in json.loads((res / "report/metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_upstreams_jsonl_and_a_front_only_set_run_with_the_experiments_defaults(tmp_path):
+    root = upstream_checkout(tmp_path)
+    front_only = tmp_path / "front_only.yaml"
+    front_only.write_text(
+        yaml.safe_dump({"input": str(ROOT / "assets/synthetic_highway.mp4"), "prompts": {"front": "A road."}})
+    )
+    entries = ["assets/video2world_multiview.jsonl", str(front_only)]
+    _, r = run(
+        tmp_path,
+        "sets",
+        infer={
+            "checkpoint": "release",
+            "prompt_sets": entries,
+            "visual_root": str(root),
+            "num_input_frames": 9,
+            "seed": 5,
+        },
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "results/sets/infer"
+    for name in ("video2world_multiview_0", "video2world_multiview_1"):
+        meta = json.loads((out / name / f"{name}.json").read_text())
+        assert meta["settings"]["num_input_frames"] == 9 and meta["settings"]["seed"] == 5
+        assert meta["default_prompts"] == [] and meta["input"].startswith(str(root))
+    meta = json.loads((out / "front_only/front_only.json").read_text())
+    assert meta["default_prompts"] == ["left", "right", "back", "back_left", "back_right"]
+    assert meta["prompts"]["left"].startswith("The video is captured from a camera mounted on a car.")
 
 
 @pytest.mark.slow
