@@ -30,6 +30,7 @@ from mvdit.checkpoint import CheckpointError, atomic_write, load_model, write_js
 from mvdit.constants import SPATIAL_COMPRESSION
 from mvdit.experiment import ExperimentError, load_experiment
 from mvdit.hub import file_digests
+from mvdit.lifetime import die_with_parent, under_torchrun
 from mvdit.lora import LoraError, load_model_with_adapter
 from mvdit.pipeline import (
     compile_blocks,
@@ -76,6 +77,8 @@ def main(argv=None) -> int:
     ap.add_argument("--index", type=int, default=None, help="run only this set of a multi-set (JSONL) file")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
+    if under_torchrun():
+        die_with_parent()
     try:
         run(args)
     except (
@@ -93,6 +96,14 @@ def main(argv=None) -> int:
         print(
             f"infer.py{context_parallel.rank_tag()}: out of GPU memory ({str(e).splitlines()[0]}); "
             "set infer.offload_text_encoder and infer.offload_tokenizer, use bf16, or fewer data.cameras",
+            file=sys.stderr,
+        )
+        return 1
+    except RuntimeError as e:
+        if not context_parallel.peer_failed(e):
+            raise
+        print(
+            f"infer.py{context_parallel.rank_tag()}: stopped: another process failed (its error is above)",
             file=sys.stderr,
         )
         return 1
@@ -174,9 +185,7 @@ def run(args: argparse.Namespace) -> None:
             net_cfg, args.checkpoint, args.adapter, device=dev, dtype=dtype, allow_pickle=cfg.model.allow_pickle
         )
     else:
-        model, _ = load_model(
-            net_cfg, args.checkpoint, device=dev, dtype=dtype, allow_pickle=cfg.model.allow_pickle
-        )
+        model, _ = load_model(net_cfg, args.checkpoint, device=dev, dtype=dtype, allow_pickle=cfg.model.allow_pickle)
     model.eval()
     if procs.world > 1:
         context_parallel.enable(model, mode=inf.context_parallel)

@@ -35,6 +35,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from mvdit.lifetime import die_with_parent
+
 EXIT_STOPPED = 3  # train.py: stopped by a signal after saving a checkpoint
 STOP_SIGNALS = (signal.SIGURG, signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 SOFT = (signal.SIGURG, signal.SIGUSR1)  # repeated: still "save and stop"; a repeated TERM/INT means "now"
@@ -185,6 +187,7 @@ def run_torchrun(cmd: list[str], label: str, nproc: int, on_stop: str = "save") 
 
     def ignore_usr1():  # in the child, before exec: SIG_IGN survives exec, a Python handler would not
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        die_with_parent()  # a killed launcher takes torchrun with it (and torchrun its workers: train.py)
 
     for s in STOP_SIGNALS:
         signal.signal(s, on_signal)

@@ -65,9 +65,7 @@ def main(argv=None) -> int:
         else:
             if d.source == "synthetic":
                 root = args.out_dir / "clips"
-                make_synthetic_dataset(
-                    root, d.num_clips, d.num_frames, d.height, d.width, d.seed, fps=d.fps
-                )
+                make_synthetic_dataset(root, d.num_clips, d.num_frames, d.height, d.width, d.seed, fps=d.fps)
             else:
                 root = Path(d.root)
             view_map = d.view_map

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from mvdit.checkpoint import CheckpointError, atomic_write, save_state_dict, write_json
 from mvdit.experiment import ExperimentError, ema_beta, ema_gamma, load_experiment, lr_multiplier
+from mvdit.lifetime import die_with_parent, under_torchrun
 from mvdit.lora import (
     AdapterEma,
     LoraSettings,
@@ -510,6 +511,8 @@ def train(args: argparse.Namespace) -> int:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     args = parse_args(argv)
+    if under_torchrun():
+        die_with_parent()  # torchrun killed: no orphan keeps training beside a rerun
     code = 1  # an unexpected exception propagates with its traceback and this code
     try:
         code = train(args)

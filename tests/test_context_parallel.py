@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import yaml
 from safetensors.torch import load_file, save_file
 
 from mvdit import context_parallel
@@ -24,6 +27,7 @@ from mvdit.config import get_preset
 from mvdit.constants import CAMERAS
 from mvdit.network import LocalTokens, MultiviewDiT, shard_bounds
 from mvdit.pipeline import compile_blocks, generate
+from mvdit.prompts import JSONL_KEYS
 from mvdit.video_io import read_video
 
 from .conftest import prepare_tiny_experiment, tiny_inference_setup
@@ -210,6 +214,51 @@ def test_a_bad_input_stops_every_process_with_the_one_line_error(tiny):
     )
     assert any(ln.startswith("infer.py: ") for ln in lines)  # the main process, untagged
     assert not (tiny / "bad").exists()
+
+
+def processes_naming(text: str) -> list[int]:
+    """PIDs of the live processes whose command line contains `text`."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and text in (d / "cmdline").read_text() and "zombie" not in (d / "status").read_text():
+                pids.append(int(d.name))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.parametrize("failing", [1, 0])
+def test_one_failing_process_gives_its_one_line_error_and_torchrun_stops_the_rest(tiny, tmp_path, failing):
+    """Two prompt sets (upstream's JSONL) on 2 processes; one process alone runs out of memory while sampling the
+    second set. It prints the one-line error (tagged [rank 1] unless it is the main process), no process prints a
+    traceback, the other one stops too (exit 1, bounded time, no process left), and the first set's outputs stay."""
+    d = yaml.safe_load((ROOT / "prompts/synthetic_highway.yaml").read_text())
+    rec = {"visual_input": str(ROOT / d["input"]), "num_input_frames": 1}
+    rec |= {key: d["prompts"][cam] for cam, key in JSONL_KEYS.items()}
+    sets = tmp_path / "two_sets.jsonl"
+    sets.write_text(json.dumps(rec) + "\n" + json.dumps(rec | {"seed": 7}) + "\n")
+    out = f"one_fails_{failing}"
+    cmd = infer_cmd(tiny, out, 2)
+    cmd[cmd.index("--prompt-set") + 1] = str(sets)
+    env = os.environ | {"MVDIT_DEBUG_OOM": f"{failing}:two_sets_1"}  # fault injection (src/infer.py)
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    took = time.monotonic() - t0
+    assert r.returncode == 1, r.stderr[-3000:]
+    tag = "" if failing == 0 else f" [rank {failing}]"
+    said = [re.search(r"infer\.py( \[rank \d+\])?: .*", ln) for ln in r.stderr.splitlines()]
+    lines = [m.group(0) for m in said if m]
+    assert [ln for ln in lines if "out of GPU memory" in ln] == [
+        f"infer.py{tag}: out of GPU memory (CUDA out of memory (injected on rank {failing})); "
+        "set infer.offload_text_encoder and infer.offload_tokenizer, use bf16, or fewer data.cameras"
+    ], r.stderr[-3000:]
+    assert 'infer.py", line' not in r.stderr, r.stderr[-5000:]  # no traceback from any process (torchrun has its own)
+    assert not processes_naming(str(tiny / out)), "a process of the failed run is still alive"
+    print(f"failed run ended after {took:.1f} s")
+    done = tiny / out
+    assert (done / "two_sets_0.json").exists() and (done / "two_sets_0_grid.mp4").exists()  # the first set is kept
+    assert not list(done.glob("two_sets_1*"))
 
 
 # ---------------------------------------------------------------------------------------------- evaluate.py end to end

@@ -1,11 +1,20 @@
-"""The training engine: 2 gloo processes, exact resume after SIGKILL (also mid-save), non-finite steps, signals."""
+"""The training engine: 2 gloo processes, exact resume after SIGKILL (also mid-save), non-finite steps, signals,
+out of memory.
 
+The kill tests draw where they kill at random per run; the seed is printed and named in every assertion message, and
+MVDIT_TEST_SEED=<seed> repeats a run's draw."""
+
+import contextlib
 import json
+import math
 import os
+import random
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,12 +65,76 @@ def run(setup, out, *extra, nproc=2, timeout=240, experiment="exp.yaml"):
     return p.returncode, err
 
 
-def wait_for_steps(out, n, timeout=180):
-    """Block until the run in `out` has logged n steps."""
+def wait_for_steps(out, n, p=None, timeout=180):
+    """Block until the run in `out` has logged n steps; fail if it does not (in time, or before process p ends)."""
     deadline = time.time() + timeout
     log = out / "train_log.jsonl"
-    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= n):
+    while time.time() < deadline and (p is None or p.poll() is None):
+        if log.exists() and len(log.read_text().splitlines()) >= n:
+            return
         time.sleep(0.05)
+    pytest.fail(f"the run in {out} did not log {n} steps")
+
+
+def drawn(name, choices):
+    """One of `choices`, drawn at random for this run (MVDIT_TEST_SEED=<seed> repeats a draw). Returns the value and
+    a note naming it and the seed, printed here and meant for assertion messages."""
+    seed = int(os.environ.get("MVDIT_TEST_SEED") or random.SystemRandom().randrange(2**32))
+    value = random.Random(f"{seed}:{name}").choice(list(choices))
+    note = f"{name} = {value} (drawn with seed {seed}; MVDIT_TEST_SEED={seed} repeats it)"
+    print(note)
+    return value, note
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and its descendants. torchrun starts each worker in a session of its own, so a signal to launch.py's
+    process group never reaches the training processes."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    return [pid] + [q for c in children for q in process_tree(int(c))]
+
+
+def signal_every_process(p, sig) -> list[int]:
+    """`sig` to launch.py, torchrun and every training process at once (a node failure, the OOM killer, SLURM
+    signalling a whole job step). Returns their PIDs."""
+    pids = process_tree(p.pid)
+    assert len(pids) >= 4, f"launch.py, torchrun and 2 workers expected, found {pids}"
+    for q in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(q, sig)
+    return pids
+
+
+def assert_all_gone(pids, timeout=60):
+    def alive(q):
+        try:
+            return "zombie" not in Path(f"/proc/{q}/status").read_text().lower()
+        except OSError:
+            return False
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and any(alive(q) for q in pids):
+        time.sleep(0.05)
+    assert not any(alive(q) for q in pids), [q for q in pids if alive(q)]
+
+
+def latest_iteration(out) -> int | None:
+    f = out / "checkpoints/latest_checkpoint.txt"
+    return int(f.read_text().strip().removeprefix("iter_").removesuffix(".pt")) if f.exists() else None
+
+
+def assert_resumed(err, out, before, expected, note):
+    """The rerun in `out` resumed from checkpoint iteration `expected`: it says so naming that checkpoint, and did not
+    recompute the steps before it: their train_log lines, timings included, are those of the interrupted run
+    (`before`) byte for byte, while every step from `expected` on was run again (new timings)."""
+    resumed = re.findall(r"resumed from (\S+) at iteration (\d+)", err)
+    assert resumed == [(str(out / "checkpoints" / f"iter_{expected:09d}"), str(expected))], f"{note}: {resumed}"
+    lines = (out / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == list(range(10)), note
+    assert len(before) >= expected and lines[:expected] == before[:expected], f"{note}: steps before {expected} redone"
+    assert all(a != b for a, b in zip(lines[expected:], before[expected:], strict=False)), f"{note}: not rerun"
 
 
 def losses(out):
@@ -114,57 +187,162 @@ def test_uninterrupted_run_writes_upstream_checkpoints(reference):
     assert log[0]["lr"] == pytest.approx(1e-3 * 1e-6) and log[5]["lr"] == pytest.approx(1e-3)
 
 
-def test_sigkill_at_a_random_step_then_rerun_is_bitwise_identical(setup, reference):
+def test_sigkill_at_a_random_step_then_rerun_resumes_and_is_bitwise_identical(setup, reference):
+    """SIGKILL to every process (launch.py, torchrun, the workers) once a step drawn at random has been logged, after
+    the first checkpoint (checkpoints at 4 and 8 of 10 steps): the rerun resumes from the latest checkpoint at kill
+    time and ends with the uninterrupted run's losses and final weights, bit for bit."""
     out = setup / "killed"
+    step, note = drawn("kill after step", range(4, 8))
     p = launch(setup, out)
-    wait_for_steps(out, 6)
-    os.killpg(p.pid, signal.SIGKILL)
+    wait_for_steps(out, step + 1, p)
+    assert p.poll() is None, f"{note}: the run ended before the kill"
+    pids = signal_every_process(p, signal.SIGKILL)
     p.wait()
-    assert not (out / "final.json").exists()
+    assert_all_gone(pids)
+    before = (out / "train_log.jsonl").read_text().splitlines()
+    assert json.loads(before[step])["step"] == step, f"{note}: step {step} was not reached"
+    assert not (out / "final.json").exists(), note
+    latest = latest_iteration(out)
+    note += f"; killed after step {len(before) - 1} was logged, latest checkpoint iteration {latest}"
+    print(note)
+    assert latest in (4, 8) and latest <= len(before), note
     code, err = run(setup, out)
-    assert code == 0, err
-    assert losses(out) == losses(reference)
+    assert code == 0, f"{note}\n{err[-3000:]}"
+    assert_resumed(err, out, before, latest, note)
+    assert losses(out) == losses(reference), note
     for name in ("iter_000000010_ema_model.pt", "iter_000000010_reg_model.pt"):
         assert_same_weights(out / "checkpoints" / name, reference / "checkpoints" / name)
 
 
+def test_sigkill_of_the_launcher_alone_takes_torchrun_and_the_workers_with_it(setup):
+    """kill -9 of launch.py only (snakemake or a job step killed): torchrun and the training processes, which torchrun
+    starts in sessions of their own, end too instead of training on beside a rerun."""
+    out = setup / "orphans"
+    p = launch(setup, out)
+    wait_for_steps(out, 2, p)
+    pids = process_tree(p.pid)
+    assert len(pids) >= 4, pids
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    n = len((out / "train_log.jsonl").read_text().splitlines())
+    assert n < 10  # steps were left: orphans would go on logging them
+    assert_all_gone(pids, timeout=10)
+    time.sleep(1)
+    assert len((out / "train_log.jsonl").read_text().splitlines()) == n  # nobody trained on
+
+
 def test_kill_during_a_checkpoint_save_leaves_the_previous_one_in_charge(setup, reference):
+    """SIGKILL of every process in the middle of the save of checkpoint 8 or 10 (drawn at random): the half-written
+    one is ignored, the rerun resumes from the one before and is bitwise identical to an uninterrupted run."""
     out = setup / "killed_in_save"
-    code, _ = run(setup, out, "--debug-kill-in-save", "8")
-    assert code != 0
+    save, note = drawn("kill in the save of iteration", (8, 10))
+    previous = {8: 4, 10: 8}[save]
+    code, _ = run(setup, out, "--debug-kill-in-save", str(save))
+    assert code != 0, note
     ck = out / "checkpoints"
-    assert (ck / "latest_checkpoint.txt").read_text().strip() == "iter_000000004.pt"
-    assert not (ck / "iter_000000008_train_state").exists()
+    assert latest_iteration(out) == previous, note
+    assert not (ck / f"iter_{save:09d}_train_state").exists() and not (out / "final.json").exists(), note
+    assert list(ck.glob(f".iter_{save:09d}_train_state.tmp")), f"{note}: the save was not under way"
+    before = (out / "train_log.jsonl").read_text().splitlines()
+    assert len(before) == save, note  # killed in the save after step save - 1
     code, err = run(setup, out)
-    assert code == 0, err
-    assert losses(out) == losses(reference)
-    assert_same_weights(ck / "iter_000000010_ema_model.pt", reference / "checkpoints/iter_000000010_ema_model.pt")
+    assert code == 0, f"{note}\n{err[-3000:]}"
+    assert_resumed(err, out, before, previous, note)
+    assert losses(out) == losses(reference), note
+    for name in ("iter_000000010_ema_model.pt", "iter_000000010_reg_model.pt"):
+        assert_same_weights(ck / name, reference / "checkpoints" / name)
 
 
-def test_non_finite_step_is_skipped_and_a_streak_stops_the_run(setup):
-    out = setup / "nan_once"
-    code, err = run(setup, out, "--debug-nan-at", "5")
+@pytest.mark.parametrize("kind", ["nan", "inf"])
+def test_non_finite_step_is_skipped_and_a_streak_stops_the_run(setup, kind):
+    """A NaN loss (NaN gradients too) or an Inf loss (finite gradients: only the loss check sees it) skips the step;
+    train.max_nonfinite_streak (3) in a row stop the run, exit 4, naming the last good checkpoint."""
+    flag = f"--debug-{kind}-at"
+    out = setup / f"{kind}_once"
+    code, err = run(setup, out, flag, "5")
     assert code == 0, err
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert log[5]["skipped"] and log[-1]["skipped_total"] == 1
-    out = setup / "nan_streak"
-    code, err = run(setup, out, "--debug-nan-at", "5,6,7")
+    assert not any(r["skipped"] for r in log[:5] + log[6:])
+    assert math.isnan(log[5]["loss"]) if kind == "nan" else log[5]["loss"] == math.inf
+    assert math.isfinite(log[5]["grad_norm"]) == (kind == "inf")
+    out = setup / f"{kind}_streak"
+    code, err = run(setup, out, flag, "5,6,7")
     assert code == 4
-    assert "3 non-finite steps in a row" in err and "iter_000000004" in err
+    msg = [ln[ln.index("train.py: ") :] for ln in err.splitlines() if "non-finite steps in a row" in ln]
+    assert len(msg) == 1, err[-2000:]
+    assert msg[0].startswith("train.py: 3 non-finite steps in a row (last at iteration 7); last good checkpoint: ")
+    assert f"last good checkpoint: {out / 'checkpoints/iter_000000004'};" in msg[0]
     assert (out / "checkpoints/latest_checkpoint.txt").read_text().strip() == "iter_000000004.pt"
     assert not (out / "final.json").exists()
 
 
-def test_sigusr1_saves_and_exits_3_then_resumes(setup, reference):
-    out = setup / "signalled"
-    p = launch(setup, out)
-    wait_for_steps(out, 2)
-    p.send_signal(signal.SIGUSR1)  # to launch.py, which passes it to the training processes
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 3, err
-    assert "stopped by a signal" in err
+def test_nan_and_inf_count_in_the_same_streak(setup):
+    out = setup / "mixed_streak"
+    code, err = run(setup, out, "--debug-nan-at", "5,7", "--debug-inf-at", "6")
+    assert code == 4 and "3 non-finite steps in a row (last at iteration 7)" in err, err[-2000:]
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["skipped_total"] for r in log[5:]] == [1, 2, 3] and log[6]["loss"] == math.inf
+
+
+def test_out_of_memory_in_training_is_one_line_and_keeps_the_last_checkpoint(setup, reference):
+    """A CUDA OOM at step 6 (after the checkpoint at 4): every process says the same one line with the advice, exit 1,
+    no traceback from train.py; checkpoint 4 stays the latest, loads, and the rerun resumes from it."""
+    from mvdit.checkpoint import load_model
+    from mvdit.config import get_preset
+
+    out = setup / "oom"
+    code, err = run(setup, out, "--debug-oom-at", "6")
+    assert code == 1, err[-3000:]
+    lines = [ln[ln.index("train.py: ") :] for ln in err.splitlines() if "train.py: " in ln]
+    assert lines and set(lines) == {
+        "train.py: out of GPU memory (CUDA out of memory. Tried to allocate 20.00 GiB (injected by --debug-oom-at)); "
+        "set train.activation_checkpointing: full, use more GPUs (FSDP shards the states), fewer data.cameras or a "
+        "smaller data.height/width"
+    }, err[-3000:]
+    assert 'train.py", line' not in err  # no traceback from the training processes (torchrun prints its own report)
+    assert latest_iteration(out) == 4 and not (out / "final.json").exists()
+    load_model(get_preset("tiny"), out / "checkpoints/iter_000000004_ema_model.pt")
+    before = (out / "train_log.jsonl").read_text().splitlines()
+    assert len(before) == 6  # steps 0-5; step 6 never finished
     code, err = run(setup, out)
-    assert code == 0, err
+    assert code == 0, err[-3000:]
+    assert_resumed(err, out, before, 4, "OOM at step 6")
+    assert losses(out) == losses(reference)
+
+
+STOP = r"train\.py: stopped by a signal at iteration (\d+) after saving (\S+); rerun the same command to resume"
+
+
+@pytest.mark.parametrize(
+    "sig, to",
+    [(signal.SIGUSR1, "launch.py"), (signal.SIGTERM, "launch.py"), (signal.SIGTERM, "every process")],
+    ids=["SIGUSR1", "SIGTERM", "SIGTERM-to-the-group"],
+)
+def test_a_stop_signal_saves_exits_3_then_resumes(setup, reference, sig, to):
+    """SIGUSR1 or SIGTERM to launch.py (which passes it on as SIGUSR1), or SIGTERM to every process (launch.py,
+    torchrun and the workers, as `scancel` signals a job step): the step finishes, a checkpoint is saved at that
+    iteration, exit 3 with the one line; the same command resumes from it and ends as an uninterrupted run."""
+    out = setup / f"signalled_{sig.name}_{to.replace(' ', '_')}"
+    p = launch(setup, out)
+    wait_for_steps(out, 2, p)
+    if to == "launch.py":
+        p.send_signal(sig)
+    else:
+        signal_every_process(p, sig)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 3, err[-3000:]
+    stops = re.findall(STOP, err)
+    assert len(stops) == 1, err[-3000:]
+    it = int(stops[0][0])
+    assert stops[0][1] == str(out / "checkpoints" / f"iter_{it:09d}")
+    assert 2 <= it < 10 and latest_iteration(out) == it and not (out / "final.json").exists()
+    assert (out / "checkpoints" / f"iter_{it:09d}_ema_model.pt").exists()
+    before = (out / "train_log.jsonl").read_text().splitlines()
+    assert len(before) == it
+    code, err = run(setup, out)
+    assert code == 0, err[-3000:]
+    assert_resumed(err, out, before, it, f"{sig.name} at iteration {it}")
     assert losses(out) == losses(reference)
 
 

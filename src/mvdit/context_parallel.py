@@ -106,6 +106,17 @@ def init_processes(device: str) -> Processes:
     return Processes(dist.get_rank(), world, local_rank, dev)
 
 
+def peer_failed(e: BaseException) -> bool:
+    """Whether `e` is what a collective raises because another process of the run died (gloo: its connection
+    closed; NCCL: the communicator was aborted): that process has said what went wrong."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return False
+    text = str(e)
+    return isinstance(e, dist.DistError) or any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted")
+    )
+
+
 def rank_tag() -> str:
     """' [rank N]' for the other processes of a context-parallel run (the main process speaks plainly)."""
     rank = os.environ.get("RANK", "0")

@@ -156,19 +156,34 @@ def test_tokenizer_that_is_not_torchscript(tiny, tmp_path):
     one_error_line(infer(tiny, tokenizer=tok, out="out_tok"), tok / "encoder.jit")
 
 
-@pytest.mark.parametrize("kind", ["corrupt_mp4", "empty_prompt"])
+@pytest.mark.parametrize("kind", ["corrupt_mp4", "empty_prompt", "unknown_camera", "too_short", "leaves_project"])
 def test_bad_prompt_set_fails_before_any_model_loads(tiny, tmp_path, kind):
+    """The fault-table row: one line naming the prompt-set file (and what is wrong in it), before any model loads;
+    nothing is written."""
     d = yaml.safe_load((ROOT / "prompts/synthetic_highway.yaml").read_text())
     if kind == "corrupt_mp4":
         clip = tmp_path / "clip.mp4"
         clip.write_bytes((ROOT / "assets/synthetic_highway.mp4").read_bytes()[:2000])
         d["input"] = str(clip)
-    else:
+    elif kind == "empty_prompt":
         d["prompts"]["back_left"] = ""
+    elif kind == "unknown_camera":
+        d["prompts"]["roof"] = "The camera is facing up."
+    elif kind == "too_short":  # one still per camera cannot give 9 input frames
+        d = yaml.safe_load((ROOT / "prompts/synthetic_stills.yaml").read_text()) | {"num_input_frames": 9}
+    else:
+        d["input"] = "../outside.mp4"
+    what = {
+        "corrupt_mp4": "clip.mp4",
+        "empty_prompt": "back_left",
+        "unknown_camera": "'roof'",
+        "too_short": "fewer than num_input_frames=9",
+        "leaves_project": "'../outside.mp4' leaves",
+    }[kind]
     ps = tmp_path / "set.yaml"
     ps.write_text(yaml.safe_dump(d))
     r = infer(tiny, prompt_set=ps, out=f"out_{kind}")
-    one_error_line(r, ps if kind == "empty_prompt" else "clip.mp4")
+    one_error_line(r, f"infer.py: {ps}: ", what)  # the line starts with the prompt-set file's name
     assert "Loading weights" not in r.stderr  # the T5 encoder never loaded
     assert not (tiny / f"out_{kind}").exists()
 
