@@ -226,6 +226,110 @@ def best_sdpa_tflops(ceil: dict, key: str = "sdpa_fwd_", field: str = "tflops") 
     return max(vals) if vals else float("nan")
 
 
+# ------------------------------------------------------------------------------------------- training floors
+# perf.md's ceilings (H100, bf16): GEMM 690-805 TFLOP/s (two cards), fused SDPA forward 597, forward+backward 550
+# (executed FLOPs: the backward recomputes the scores, 3.5x the forward). Its floors of 21.5 s (no checkpointing)
+# and 27.5 s (full checkpointing) per training sample are train_floor_s at the 690 GEMM rate.
+PERF_MD_RATES = {
+    "gemm": (805e12, 690e12),  # (best, worst): the lower and the upper floor
+    "sdpa_fwd": 597e12,
+    "sdpa_fwdbwd_3p5": 550e12,
+}
+CHECKPOINTING = ("none", "full", "selective")
+
+
+def same_call_rates(ceil: dict) -> dict | None:
+    """FLOP/s of the ceilings measured in the same call (best SDPA backend), or None if they were not measured."""
+    if not ceil or "gemm" not in ceil:
+        return None
+    fwd = best_sdpa_tflops(ceil, "sdpa_fwd_", "tflops")
+    fwdbwd = best_sdpa_tflops(ceil, "sdpa_fwdbwd_", "tflops_executed_3.5x")
+    if fwd != fwd or fwdbwd != fwdbwd:  # NaN: no SDPA ceiling
+        return None
+    return {"gemm": ceil["gemm"]["tflops"] * 1e12, "sdpa_fwd": fwd * 1e12, "sdpa_fwdbwd_3p5": fwdbwd * 1e12}
+
+
+def train_floor_s(fl: dict, rates: dict, checkpointing: str, adapter_forward: float | None = None) -> float:
+    """Floor of one training sample, in perf.md's terms: every GEMM at the GEMM ceiling, attention at the fused-SDPA
+    ceilings. fl is dit_flops' count (G = forward GEMMs, A = self- and X = cross-attention of one forward).
+
+    none:      3 G (forward, input and weight gradients) + (A + X) forward+backward (3.5 x executed)
+    full:      none + a recomputed forward: G + (A + X) at the forward rate
+    selective: none + a recomputed forward that keeps the self-attention outputs: G + X
+    LoRA (adapter_forward = the adapters' forward GEMM FLOPs): the frozen base has no weight gradients (2 G instead
+    of 3 G); the adapters cost 3 x their forward, 4 x when recomputed.
+    """
+    if checkpointing not in CHECKPOINTING:
+        raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, got {checkpointing!r}")
+    g, a, x = fl["forward_gemm"], fl["forward_self_attn"], fl["forward_cross_attn"]
+    gemm, fwd, fwdbwd = rates["gemm"], rates["sdpa_fwd"], rates["sdpa_fwdbwd_3p5"]
+    lora = adapter_forward is not None
+    ad = adapter_forward or 0.0
+    t = ((2 if lora else 3) * g + 3 * ad) / gemm + 3.5 * (a + x) / fwdbwd
+    if checkpointing == "full":
+        t += (g + ad) / gemm + (a + x) / fwd
+    elif checkpointing == "selective":
+        t += (g + ad) / gemm + x / fwd
+    return t
+
+
+def train_floors(fl: dict, ceil: dict | None, checkpointing: str, adapter_forward: float | None = None) -> dict:
+    """The floor from the same call's ceilings (None if none were measured) and perf.md's range [best, worst card]."""
+    rates = same_call_rates(ceil or {})
+    lo, hi = (
+        train_floor_s(fl, {**PERF_MD_RATES, "gemm": r}, checkpointing, adapter_forward) for r in PERF_MD_RATES["gemm"]
+    )
+    return {
+        "checkpointing": checkpointing,
+        "lora": adapter_forward is not None,
+        "same_call_s": None if rates is None else train_floor_s(fl, rates, checkpointing, adapter_forward),
+        "perfmd_s": [lo, hi],
+    }
+
+
+def floor_fractions(floors: dict, measured_s: float) -> dict:
+    """floor / measured time (1.0: the run reached the floor) for the same-call floor and perf.md's range."""
+    same = floors["same_call_s"]
+    return {
+        "same_call": None if same is None else same / measured_s,
+        "perfmd": [f / measured_s for f in floors["perfmd_s"]],
+    }
+
+
+def checkpointing_of(variant: str, ac: bool) -> str:
+    """train_step.py's variants: 'sac' in the name = selective, else full when AC is on; train_lora.py's variant
+    names are ac / sac / noac."""
+    parts = set(variant.split("+"))
+    if variant == "noac" or not ac:
+        return "none"
+    return "selective" if "sac" in parts else "full"
+
+
+def stored_floor_fractions(res: dict) -> dict[str, dict]:
+    """Recompute the per-variant floors and fractions of a stored train_step / train_lora result JSON:
+    {"variant/none|full|selective": {"floors": ..., "measured_s": ..., "fractions": ...}}."""
+    out = {}
+    ceil = res.get("ceilings")
+    if res["benchmark"] == "train_step":
+        for variant, rv in res["runs"].items():
+            for key, s in rv.get("summary", {}).items():
+                ck = checkpointing_of(variant, key == "ac")
+                floors = train_floors(res["flops"], ceil, ck)
+                t = s["full_model_sample_s"]
+                out[f"{variant}/{ck}"] = {"floors": floors, "measured_s": t, "fractions": floor_fractions(floors, t)}
+    elif res["benchmark"] == "train_lora":
+        for variant, r in res["runs"].items():
+            if "s_per_iteration" not in r:
+                continue
+            ck = checkpointing_of(variant, variant != "noac")
+            floors = train_floors(res["flops"], ceil, ck, adapter_forward=res["flops"]["adapter_forward"])
+            t = r["s_per_iteration"]
+            out[f"{variant}/{ck}"] = {"floors": floors, "measured_s": t, "fractions": floor_fractions(floors, t)}
+    else:
+        raise ValueError(f"not a training benchmark: {res['benchmark']!r}")
+    return out
+
+
 # ------------------------------------------------------------------------------------------ fused QK-norm + RoPE
 def _qk_norm_rope(q: Tensor, k: Tensor, wq: Tensor, wk: Tensor, rope: Tensor | None, heads: int):
     """[B, N, D] projections -> per-head RMSNorm (+ rotate-half RoPE) -> [B, h, N, d], fp32 math as mvdit does."""

@@ -13,6 +13,9 @@ Activation checkpointing variants (per Block, non-reentrant: the composable `che
        SDPA outputs are saved, not recomputed: +0.6 GiB per block;
   noac no checkpointing (needs ~23 GiB of activations per block at this size: does not fit 80 GB; opt-in).
 
+The floor of each variant (common.train_floors: LoRA has no weight-gradient GEMMs for the frozen base; full or
+selective recompute) comes from ceilings measured in the same call and, separately, from perf.md's.
+
 Full shape (H100):  PYTHONPATH=src python benchmarks/train_lora.py --out benchmarks/results/train_lora.json
 CPU smoke test:     PYTHONPATH=src python benchmarks/train_lora.py --preset tiny --height 64 --width 96 --frames 17 \
                         --text-len 16 --device cpu --out /tmp/train_lora.json
@@ -38,7 +41,7 @@ from mvdit.lora import AdapterEma, LoraSettings, add_lora, init_lora, lora_param
 from mvdit.loss import LossConfig, draw_loss_randomness, training_loss  # noqa: E402
 from mvdit.network import Block, DiffusionModel  # noqa: E402
 
-PERF_MD = {"train_sample_model_flops": 1.11e16, "floor_full_ac_s": 27.5, "floor_no_ac_s": 21.5}
+PERF_MD = {"train_sample_model_flops": 1.11e16}  # the floors come from common.train_floors (LoRA, per checkpointing)
 SDPA_OPS = (
     "_scaled_dot_product_cudnn_attention",
     "_scaled_dot_product_flash_attention",
@@ -57,6 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=2, help="timed iterations per variant (after the warm-up)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--skip-ceilings", action="store_true", help="no same-call ceilings (floors from perf.md only)")
     p.add_argument("--budget-s", type=float, default=0, help="skip variants that start after this many seconds")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
@@ -117,7 +121,7 @@ def build(cfg, s: LoraSettings, dev: str, mesh, variant: str) -> DiffusionModel:
     return model.train()
 
 
-def run_variant(a, cfg, s: LoraSettings, mesh, variant: str, inputs: dict, lf: dict, is_7b: bool) -> dict:
+def run_variant(a, cfg, s: LoraSettings, mesh, variant: str, inputs: dict, fl: dict, lf: dict, ceil: dict) -> dict:
     """Build the model for `variant`, run one first iteration, then time a.reps iterations (after warm-up)."""
     dev = a.device
     r: dict = {}
@@ -165,14 +169,17 @@ def run_variant(a, cfg, s: LoraSettings, mesh, variant: str, inputs: dict, lf: d
         r["finite"] = all(torch.isfinite(x).item() for x in losses)
         r["mfu_perfmd_flops"] = lf["train_sample_model"] / (it_s * C.H100_PEAK)
         r["mfu_lora_flops"] = lf["train_sample_lora_model"] / (it_s * C.H100_PEAK)
-        if is_7b:
-            r["frac_of_perfmd_floor_full_ac"] = PERF_MD["floor_full_ac_s"] / it_s
+        # the floor of LoRA with this variant's checkpointing, from the same call's ceilings and from perf.md's
+        ck = C.checkpointing_of(variant, variant != "noac")
+        r["floor"] = C.train_floors(fl, ceil, ck, adapter_forward=lf["adapter_forward"])
+        r["frac_of_floor"] = frac = C.floor_fractions(r["floor"], it_s)
         print(
             f"[step] {variant}: {it_s:.2f} s/iteration (median of {len(t)}), peak "
             f"{r.get('peak_allocated_gib', float('nan')):.1f} GiB allocated / "
             f"{r.get('peak_reserved_gib', float('nan')):.1f} GiB reserved, MFU {r['mfu_perfmd_flops']:.3f} "
-            f"(perf.md FLOPs) {r['mfu_lora_flops']:.3f} (LoRA FLOPs), floor fraction "
-            f"{r.get('frac_of_perfmd_floor_full_ac', float('nan')):.3f}",
+            f"(perf.md FLOPs) {r['mfu_lora_flops']:.3f} (LoRA FLOPs), fraction of the {ck}-checkpointing LoRA floor "
+            f"{frac['same_call'] or float('nan'):.3f} (same call) {frac['perfmd'][0]:.3f}-{frac['perfmd'][1]:.3f} "
+            "(perf.md)",
             flush=True,
         )
     except Exception as e:  # noqa: BLE001 - record OOM or any failure and go on to the next variant
@@ -233,12 +240,18 @@ def main(argv=None):
     fr = torch.tensor([[1.0 if c in ("back_left", "back_right") else 0.0 for c in CAMERAS[: a.views]]], device=dev)
 
     inputs = {"x0": x0, "text": text, "fps": fps, "padding_mask": pm, "frame_repeat": fr}
+    if not a.skip_ceilings:
+        d_model, heads = cfg.model_channels, cfg.num_heads
+        res["ceilings"] = C.ceilings(dev, torch.bfloat16, fl["tokens"], d_model, heads, backward=True)
+        for k, v in res["ceilings"].items():
+            print(f"[ceil] {k}: {v}", flush=True)
+        C.save_json(a.out, res)
     for variant in [v for v in a.variants.split(",") if v]:
         if a.budget_s and time.time() - t_start > a.budget_s:
             res["runs"][variant] = {"skipped": "time budget"}
             print(f"[lora] {variant}: skipped (time budget)", flush=True)
             continue
-        res["runs"][variant] = run_variant(a, cfg, s, d.mesh, variant, inputs, lf, is_7b)
+        res["runs"][variant] = run_variant(a, cfg, s, d.mesh, variant, inputs, fl, lf, res.get("ceilings"))
         if cuda:
             torch.cuda.empty_cache()
         C.save_json(a.out, res)

@@ -4,7 +4,9 @@ The full 28-block model cannot be fully fine-tuned on one 80 GB GPU, so this run
 forward + backward through a DiffusionModel with N blocks (random weights of the real shape, bf16 parameters and
 gradients; patch embedding, final layer and log-variance head included) at the full 76,320-token sample, with
 activation checkpointing off and on (torch.utils.checkpoint around every Block, non-reentrant). The per-block
-slope between two block counts extrapolates the 28-block time and memory. No optimizer step is timed.
+slope between two block counts extrapolates the 28-block time and memory. No optimizer step is timed. Each
+variant's floor (common.train_floors: no, full or selective checkpointing) comes from the ceilings measured in the
+same call and, separately, from perf.md's.
 
 Full shape (H100):  PYTHONPATH=src python benchmarks/train_step.py --out benchmarks/results/train_step.json
 CPU smoke test:     PYTHONPATH=src python benchmarks/train_step.py --preset tiny --height 64 --width 96 --frames 17 \
@@ -34,7 +36,7 @@ from mvdit.network import Block, DiffusionModel  # noqa: E402
 
 PERF_MD = {
     "train_sample_model_flops": 1.11e16,
-    "floor_no_ac_s": 21.5,
+    "floor_no_ac_s": 21.5,  # perf.md's two floors; per variant, C.train_floors recomputes them (selective, LoRA too)
     "floor_full_ac_s": 27.5,
     "eager_block_fwd_bwd_ms": 822,
     "diffusers_ac_block_s": 1.12,
@@ -125,7 +127,6 @@ def main(argv=None):
     fl = C.dit_flops(cfg_full, a.views, a.frames, a.height, a.width, a.text_len)
     train_flops = 3 * fl["forward"]  # model FLOPs of one training sample of the full-depth model
     block_train_flops = 3 * fl["per_block"]["total"]
-    is_7b = a.preset.startswith("7b")
     res = {
         "benchmark": "train_step",
         "env": C.env_info(dev),
@@ -259,10 +260,10 @@ def main(argv=None):
             s["full_model_sample_s"] = t_full
             s["mfu"] = train_flops / (t_full * C.H100_PEAK)
             s["block_mfu"] = block_train_flops / (slope * 1e-3 * C.H100_PEAK)
-            if is_7b:
-                floor = PERF_MD["floor_full_ac_s"] if ac else PERF_MD["floor_no_ac_s"]
-                s["perfmd_floor_s"] = floor
-                s["frac_of_perfmd_floor"] = floor / t_full
+            # the floor of this variant's own checkpointing (none / full / selective), from this call's ceilings
+            # and from perf.md's; fraction = floor / time, so above 1 would mean a wrong floor
+            s["floor"] = C.train_floors(fl, res.get("ceilings"), C.checkpointing_of(variant, ac))
+            s["frac_of_floor"] = C.floor_fractions(s["floor"], t_full)
             if "peak_gib_per_block_slope" in s and m_hi is not None:
                 pb_bytes = params_per_block * torch.finfo(dtype).bits / 8 / 2**30
                 s["full_model_peak_gib_extrapolated"] = (
@@ -274,7 +275,8 @@ def main(argv=None):
             print(
                 f"[sum] {variant:14s} {'AC  ' if ac else 'noAC'} {slope:8.1f} ms/block  => {t_full:6.1f} s per "
                 f"{a.full_blocks}-block sample  MFU {s['mfu']:.3f}  "
-                f"floor frac {s.get('frac_of_perfmd_floor', float('nan')):.3f}  "
+                f"floor frac {s['frac_of_floor']['same_call'] or float('nan'):.3f} (same call) "
+                f"{s['frac_of_floor']['perfmd'][0]:.3f}-{s['frac_of_floor']['perfmd'][1]:.3f} (perf.md)  "
                 f"mem/block {s.get('peak_gib_per_block_slope', float('nan')):.2f} GiB",
                 flush=True,
             )
