@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from mvdit import context_parallel, sdpa
+from mvdit import context_parallel, fp8, sdpa
 from mvdit.checkpoint import CheckpointError, atomic_write, load_model, write_json
 from mvdit.constants import SPATIAL_COMPRESSION
 from mvdit.experiment import ExperimentError, load_experiment
@@ -142,6 +142,7 @@ def run(args: argparse.Namespace) -> None:
     dev = procs.device
     dtype = inference_dtype(dev, inf.precision)
     net_cfg = cfg.net
+    fp8_plan = fp8.check(inf.precision, dev, args.experiment, net_cfg.head_dim)  # before any model loads
     attn_kernel = sdpa.resolve(
         inf.sdpa_backend, net_cfg.num_heads, net_cfg.head_dim, dtype, dev, args.experiment, d.text_len
     )
@@ -187,6 +188,8 @@ def run(args: argparse.Namespace) -> None:
     else:
         model, _ = load_model(net_cfg, args.checkpoint, device=dev, dtype=dtype, allow_pickle=cfg.model.allow_pickle)
     model.eval()
+    if fp8_plan:
+        log.info("fp8: %s %s", fp8_plan.describe(), fp8.apply(model.net, fp8_plan))
     if procs.world > 1:
         context_parallel.enable(model, mode=inf.context_parallel)
         log.info(
@@ -267,6 +270,7 @@ def run(args: argparse.Namespace) -> None:
             "context_parallel": procs.world,
             "context_parallel_mode": inf.context_parallel if procs.world > 1 else None,
             "dtype": str(dtype),
+            "precision": fp8_plan.describe() if fp8_plan else {"setting": inf.precision},
             "sdpa_backend": {"setting": inf.sdpa_backend, "kernel": attn_kernel},
             "resolution": [d.height, d.width],
             "frames_per_view": f,

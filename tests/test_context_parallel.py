@@ -216,6 +216,20 @@ def test_a_bad_input_stops_every_process_with_the_one_line_error(tiny):
     assert not (tiny / "bad").exists()
 
 
+def test_fp8_where_it_cannot_run_stops_before_any_model_loads(tiny, tmp_path):
+    exp = yaml.safe_load((tiny / "exp.yaml").read_text())
+    exp["infer"]["precision"] = "fp8"
+    (tmp_path / "fp8.yaml").write_text(yaml.safe_dump(exp))
+    cmd = infer_cmd(tiny, "fp8", 1)
+    cmd[cmd.index("--experiment") + 1] = str(tmp_path / "fp8.yaml")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("infer.py")]
+    assert r.returncode == 1 and len(lines) == 1, r.stderr[-2000:]
+    assert lines[0].startswith(f"infer.py: {tmp_path / 'fp8.yaml'}: infer.precision: fp8 ")
+    assert lines[0].endswith("set infer.precision: bf16") and "t5" not in r.stderr.lower()
+    assert not (tiny / "fp8").exists()
+
+
 def processes_naming(text: str) -> list[int]:
     """PIDs of the live processes whose command line contains `text`."""
     pids = []

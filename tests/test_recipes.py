@@ -4,6 +4,7 @@ exactly the jobs it plans; the flows that run on CPU run for real on the tiny mo
 import hashlib
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import yaml
 
 from mvdit.checkpoint import load_file
 
-from .conftest import ROOT
+from .conftest import ROOT, train_command
 from .test_workflow import job_counts, merged, snakemake
 
 SETS = sorted(p.stem for p in (ROOT / "prompts").glob("*.yaml"))
@@ -283,3 +284,14 @@ def test_continued_training_starts_from_the_other_result_strictly(trained):
     first = load_file(work / start)
     cont = load_file(work / "results/continued/post-trained/model.pt")
     assert first.keys() == cont.keys() and any(not torch.equal(first[k], cont[k]) for k in first)
+    # resume stays exact: stop after iteration 2 (of its own 3), rerun, and land on the same weights bit for bit
+    res = work / "results/continued"
+    tok = work / "checkpoints/tiny/Cosmos-Tokenize1-CV8x8x8-720p"
+    cmd = train_command(1, res / "experiment.yaml", res / "data", work / "again", tok, "--save-iter", "1")
+    for extra in (["--iterations", "2"], []):
+        r = subprocess.run([*cmd, *extra], cwd=work, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr and "iter_000000002 at iteration 2" in r.stderr
+    again = load_file(work / "again/checkpoints/iter_000000003_ema_model.pt")
+    ref = load_file(res / "train/checkpoints/iter_000000003_ema_model.pt")
+    assert all(torch.equal(again[k], ref[k]) for k in ref)

@@ -22,7 +22,7 @@ from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 
 from mvdit.config import NetConfig
-from mvdit.posemb import RopePosition3D, SinCosPosEmb3D, apply_rope, timestep_sinusoid
+from mvdit.posemb import RopePosition3D, SinCosPosEmb3D, apply_rope, rope_table, timestep_sinusoid
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
@@ -149,6 +149,10 @@ class Attention(nn.Module):
     (`to_q.0` Linear, `to_q.1` norm weight, ...). Self-attention applies RoPE; cross-attention is per view.
     """
 
+    # the fused attention kernel, replaceable from outside (mvdit.fp8 sets FP8 attention): (q, k, v) [B, h, N, d]
+    # -> [B, h, N, d]; None means torch's scaled_dot_product_attention
+    attention_fn = None
+
     def __init__(self, dim: int, context_dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
@@ -170,7 +174,8 @@ class Attention(nn.Module):
         tokens: LocalTokens | None = None,
     ) -> Tensor:
         """x [B, N, D]; context [B, M, Dc] (None: self-attention). With n_groups = V, tokens and context are split
-        into V contiguous groups (views) that attend only within their group. rope [N, head_dim] or None.
+        into V contiguous groups (views) that attend only within their group. rope [2, N, head_dim] (cos, sin) or
+        None.
 
         tokens: x is this process's slice of the sequence (context parallelism). Self-attention then gathers the
         keys and values of all tokens; cross-attention runs per view on the views the slice touches.
@@ -188,7 +193,7 @@ class Attention(nn.Module):
             q = apply_rope(q, rope)
         if self_cp and tokens.ulysses:  # all tokens of H/P heads; back to this rank's tokens of all heads
             q, k, v = tokens.comm.heads_to_tokens(torch.stack([q, k, v]), tokens.sizes).unbind(0)
-            out = tokens.comm.tokens_to_heads(F.scaled_dot_product_attention(q, k, v), tokens.sizes)
+            out = tokens.comm.tokens_to_heads(self.sdpa(q, k, v), tokens.sizes)
             return self.to_out[0](rearrange(out, "b h n d -> b n (h d)"))
         if tokens is not None and context is not None and n_groups > 1:
             per_group = ctx.shape[1] // n_groups
@@ -204,11 +209,16 @@ class Attention(nn.Module):
             return self.to_out[0](rearrange(out, "b h n d -> b n (h d)"))
         return self.attend(q, k, v, n_groups)
 
+    def sdpa(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """softmax(q k^T / sqrt(d)) v over [B, h, N, d] heads, by the kernel set in attention_fn (default torch's)."""
+        fn = self.attention_fn
+        return F.scaled_dot_product_attention(q, k, v) if fn is None else fn(q, k, v)
+
     def attend(self, q: Tensor, k: Tensor, v: Tensor, n_groups: int = 1) -> Tensor:
         """Heads [B, h, N, d] (and [B, h, M, d]) attending within n_groups contiguous groups, projected: [B, N, D]."""
         if n_groups > 1:
             q, k, v = (rearrange(t, "b h (g n) d -> (b g) h n d", g=n_groups) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = self.sdpa(q, k, v)
         if n_groups > 1:
             out = rearrange(out, "(b g) h n d -> b h (g n) d", g=n_groups)
         return self.to_out[0](rearrange(out, "b h n d -> b n (h d)"))
@@ -408,7 +418,7 @@ class MultiviewDiT(nn.Module):
         emb = self.t_embedder[0](timesteps.to(dtype))  # the raw sinusoid drives AdaLN, not the MLP output
         lora = self.t_embedder[1](emb)
         emb = self.affline_norm(emb)
-        rope = self.pos_embedder(n_views, tp // n_views, hp, wp, fps)
+        rope = rope_table(self.pos_embedder(n_views, tp // n_views, hp, wp, fps))  # once, not in every block
         pos_emb = self.extra_pos_embedder(n_views, tp // n_views, hp, wp, dtype, dev)
         context = crossattn_emb.to(dtype)
         tokens = None
@@ -425,7 +435,7 @@ class MultiviewDiT(nn.Module):
             tokens = LocalTokens.split(x.shape[1], cp.rank, cp.world, cp, ulysses)
             x, rope, pos_emb = (
                 x[:, tokens.start : tokens.stop],
-                rope[tokens.start : tokens.stop],
+                rope[:, tokens.start : tokens.stop],
                 pos_emb[tokens.start : tokens.stop],
             )
         for blk in self.blocks.values():

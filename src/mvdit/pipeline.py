@@ -113,8 +113,9 @@ def compile_blocks(net: torch.nn.Module) -> None:
 
 
 def inference_dtype(device: torch.device, precision: str) -> torch.dtype:
-    """bf16 on a GPU where infer.precision asks for it; fp32 otherwise (the CPU has no fast bf16 kernels)."""
-    return torch.bfloat16 if (device.type == "cuda" and precision == "bf16") else torch.float32
+    """bf16 on a GPU where infer.precision asks for it (fp8 keeps bf16 around its FP8 kernels); fp32 otherwise (the
+    CPU has no fast bf16 kernels)."""
+    return torch.bfloat16 if (device.type == "cuda" and precision in ("bf16", "fp8")) else torch.float32
 
 
 def latent_frames(num_frames: int) -> int:

@@ -79,9 +79,17 @@ class RopePosition3D(nn.Module):
         return ang.float()
 
 
-def apply_rope(x: Tensor, angles: Tensor) -> Tensor:
-    """Rotate-half RoPE. x [B, heads, N, d]; angles [N, d] (fp32). Computed in fp32, returned in x's dtype."""
-    cos, sin = angles.cos(), angles.sin()
+def rope_table(angles: Tensor) -> Tensor:
+    """Angles [N, d] -> [2, N, d] fp32 (cos, sin): computed once per forward and shared by every block's q and k
+    (before, each block evaluated both twice; BENCHMARKS.md §9 counted the transcendentals in the q/k kernel)."""
+    angles = angles.float()
+    return torch.stack([angles.cos(), angles.sin()])
+
+
+def apply_rope(x: Tensor, table: Tensor) -> Tensor:
+    """Rotate-half RoPE. x [B, heads, N, d]; table [2, N, d] (fp32 cos, sin; rope_table). Computed in fp32, returned
+    in x's dtype."""
+    cos, sin = table[0], table[1]
     xf = x.float()
     x1, x2 = xf.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
