@@ -300,7 +300,12 @@ rule evaluate:
         baseline=checkpoint_input(T.init, E.init_checkpoint or E.release_checkpoint),
         tokenizer=TOK,
     output:
-        f"{R}/report/eval.json",
+        eval=f"{R}/report/eval.json",
+        sheet=report(
+            f"{R}/report/heldout.png",
+            category="Held-out clips",
+            labels={"figure": "ground truth vs. post-trained sample"},
+        ),
     log:
         f"{R}/logs/evaluate.log",
     conda:
@@ -320,18 +325,28 @@ rule evaluate:
         tok=lambda w, input: Path(input.tokenizer).parent,
     shell:
         "{params.run} {params.src}/evaluate.py --experiment {params.exp} --data-manifest {input.data} --trained {input.trained}"
-        " --baseline {params.baseline} --tokenizer-dir {params.tok} --out {output} > {log} 2>&1"
+        " --baseline {params.baseline} --tokenizer-dir {params.tok} --out {output.eval} --sheet {output.sheet}"
+        " > {log} 2>&1"
 
 
 rule report:
     input:
         train=rules.train.output if E.trains else [],
-        eval=rules.evaluate.output if HAS_EVAL else [],
+        eval=rules.evaluate.output.eval if HAS_EVAL else [],
         infer=expand(f"{R}/infer/{{ps}}/{{ps}}.json", ps=SETS),
     output:
         **(
             {"loss": report(f"{R}/report/loss.png", category="Training", labels={"plot": "loss curve"})}
             if E.trains
+            else {}
+        ),
+        **(
+            {
+                "psnr": report(
+                    f"{R}/report/psnr_per_clip.png", category="Metrics", labels={"plot": "held-out PSNR per clip"}
+                )
+            }
+            if HAS_EVAL
             else {}
         ),
         metrics=report(f"{R}/report/metrics.json", category="Metrics", labels={"file": "metrics"}),
@@ -343,7 +358,7 @@ rule report:
         py=PY,
         src=SRC,
         title=E.name,
-        eval_arg=lambda w, input: f"--eval {input.eval}" if input.eval else "",
+        eval_arg=lambda w, input, output: f"--eval {input.eval} --psnr-png {output.psnr}" if input.eval else "",
         train_args=lambda w, input, output: (
             f"--train-log {Path(input.train[0]).parent / 'train_log.jsonl'} --loss-png {output.loss}"
             if input.train

@@ -49,6 +49,39 @@ def plot_losses(log: list[dict], path: Path, title: str) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
+def plot_psnr_per_clip(ev: dict, path: Path, title: str) -> None:
+    """Held-out PSNR per clip: one sample of the post-trained and the untrained model against copy-last-frame and
+    the tokenizer ceiling; the mean of N post-trained samples as open markers."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    per_clip = ev["psnr_db_per_clip"]
+    x = np.arange(ev["clips"])
+    fig = Figure(figsize=(8, 4.5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    series = (
+        ("tokenizer_ceiling", "tokenizer round trip (ceiling)", "k", "_", "-"),
+        ("post_trained_single_sample", "post-trained, one sample", "C0", "o", "-"),
+        ("post_trained", f"post-trained, mean of {ev.get('samples', 'N')} samples", "C0", "o", "none"),
+        ("copy_last_frame", "copy the last input frame", "C1", "s", "-"),
+        ("untrained_single_sample", "untrained, one sample", "C3", "v", "-"),
+    )
+    for key, label, colour, marker, line in series:
+        y = per_clip[key]
+        filled = line != "none"
+        ax.plot(x, y, marker=marker, color=colour, ls="-" if filled else "none", mfc=colour if filled else "none",
+                ms=9 if key == "tokenizer_ceiling" else 7, label=f"{label}: mean {np.mean(y):.2f} dB")  # fmt: skip
+    ax.set_xticks(x, [f"clip {i}" for i in x])
+    ax.set_xlabel("held-out clip")
+    ax.set_ylabel(f"PSNR of the predicted frames (>= {ev['num_input_frames']}), dB")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
 def train_summary(train_log: Path, loss_png: Path, title: str) -> dict:
     """Plot the loss curve and summarise the run; ValueError (one line) for an unreadable or empty log."""
     try:
@@ -77,6 +110,7 @@ def main(argv=None) -> int:
     ap.add_argument("--eval", type=Path, default=None, help="eval.json of evaluate.py (optional)")
     ap.add_argument("--infer-json", type=Path, nargs="*", default=[])
     ap.add_argument("--loss-png", type=Path, default=None, help="the loss plot (with --train-log)")
+    ap.add_argument("--psnr-png", type=Path, default=None, help="per-clip held-out PSNR plot (with --eval)")
     ap.add_argument("--metrics", required=True, type=Path)
     ap.add_argument("--title", default="post-training")
     args = ap.parse_args(argv)
@@ -91,6 +125,10 @@ def main(argv=None) -> int:
             return 1
     if args.eval and args.eval.exists():
         metrics["held_out"] = json.loads(args.eval.read_text())
+        if args.psnr_png is not None:
+            plot_psnr_per_clip(metrics["held_out"], args.psnr_png, f"{args.title}: held-out clips")
+    elif args.psnr_png is not None:
+        ap.error("--psnr-png needs --eval")
     metrics["inference"] = {}
     for p in args.infer_json:
         m = json.loads(p.read_text())

@@ -17,7 +17,8 @@ def test_psnr_known_values():
 
 def test_ssim_is_one_for_identical_and_drops_with_noise_and_blur():
     g = torch.Generator().manual_seed(0)
-    img = torch.from_numpy(render_clip(1, 1, 64, 96)[0, 0]).permute(2, 0, 1).float() / 127.5 - 1
+    sharp = render_clip(1, 1, 64, 96, lens_blur=0)[0, 0]  # without the lens blur, so a blur shows
+    img = torch.from_numpy(sharp).permute(2, 0, 1).float() / 127.5 - 1
     assert ssim(img, img) == pytest.approx(1.0, abs=1e-6)
     noisy = img + 0.2 * torch.randn(img.shape, generator=g)
     blurred = torch.nn.functional.avg_pool2d(img[None], 5, 1, 2)[0]

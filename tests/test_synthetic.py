@@ -44,7 +44,7 @@ def test_render_speed():
     render_clip(0, 1, H, W)  # warm-up (imports, caches)
     t0 = time.perf_counter()
     render_clip(1, 17, H, W)
-    assert time.perf_counter() - t0 < 1.0
+    assert time.perf_counter() - t0 < 1.5  # about 0.5 s uncontended; the lens blur and smooth noise cost ~30%
 
 
 def _warp_error(views: np.ndarray, a: int, b: int, shift: float = 0.0) -> float:
@@ -119,3 +119,14 @@ def test_make_synthetic_dataset_layout(tmp_path):
             info = probe_video(tmp_path / "videos" / cam / f"{n}.mp4")
             assert (info.n_frames, info.height, info.width) == (5, 16, 24)
             assert (tmp_path / "captions" / cam / f"{n}.txt").read_text().strip()
+
+
+def test_motion_is_visible_between_consecutive_frames_at_the_demo_format():
+    """At the demo's 10 fps and 64x96 every camera changes visibly from frame to frame (ego-motion plus traffic),
+    not only over the whole clip: the predicted frames have something to predict."""
+    for seed in (0, 1):
+        clip = render_clip(seed, 9, 64, 96, fps=10, supersample=1).astype(int)
+        step = np.abs(np.diff(clip, axis=1)).mean(axis=(2, 3, 4))  # [V, T-1], grey levels
+        assert (step > 1.0).all(), (seed, step.min(axis=1))
+        moved = (np.abs(np.diff(clip, axis=1)).max(axis=-1) > 20).mean(axis=(2, 3))  # share of pixels that jumped
+        assert (moved > 0.01).all(), (seed, moved.min(axis=1))

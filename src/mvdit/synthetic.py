@@ -31,6 +31,10 @@ PITCH_DEG: float = -5.0  # tilted slightly down so more road than sky shows
 CAMERA_HEIGHT: float = 1.6
 ROAD_HALF_WIDTH: float = 3.6  # two 3.5 m lanes plus a little shoulder
 LANE_OFFSET: float = -1.75  # the car drives in the right-hand lane
+# Lens blur (Gaussian sigma in output pixels): a real camera's optics and sensor smooth what a ray caster aliases, and
+# the tiny tokenizer (16 latent channels per 8x8x8 patch) can then reproduce the clips within 30 dB.
+LENS_BLUR_PX: float = 1.5
+EGO_SPEED_RANGE: tuple[float, float] = (11.0, 13.0)  # m/s; narrow, so one frame nearly determines the motion
 
 # Upstream's camera-description sentences (video2world_multiview.py:63-92), used as caption prefixes.
 CAMERA_PHRASE: dict[str, str] = {
@@ -171,7 +175,7 @@ def make_scene(seed: int) -> Scene:
     weather = str(rng.choice(list(_WEATHER)))
     ground = "snow" if weather == "snowy" else str(rng.choice(["grass", "grass", "sand"]))
     curvature = 0.0 if rng.random() < 0.5 else float(rng.choice([-1, 1]) * rng.uniform(1 / 600, 1 / 250))
-    speed = float(rng.uniform(8, 16))
+    speed = float(rng.uniform(*EGO_SPEED_RANGE))
     elevation = {"clear": rng.uniform(0.45, 1.0), "sunset": rng.uniform(0.04, 0.15)}.get(weather, 0.6)
     ridge = [float(rng.uniform(0.015, 0.035))]
     for k in range(1, 7):
@@ -200,7 +204,7 @@ def make_scene(seed: int) -> Scene:
         if "trees" in kinds:
             facts.append("trees")
             s = s_lo
-            while (s := s + rng.uniform(6, 18)) < s_hi:
+            while (s := s + rng.uniform(9, 22)) < s_hi:
                 h = rng.uniform(4, 9)
                 crown = rng.uniform(2.4, min(5.0, h * 0.8))
                 d = sign * rng.uniform(ROAD_HALF_WIDTH + 3, 16)
@@ -368,6 +372,15 @@ def _hash(ix: np.ndarray, iy: np.ndarray, salt: int) -> np.ndarray:
     return ((h ^ (h >> 16)) & 0xFFFF).astype(np.float32) / 65536.0
 
 
+def _smooth_noise(x: np.ndarray, y: np.ndarray, salt: int) -> np.ndarray:
+    """Bilinearly interpolated value noise in [0, 1): smooth, so moving texture stays a few pixels wide."""
+    ix, iy = np.floor(x), np.floor(y)
+    fx, fy = (x - ix).astype(np.float32), (y - iy).astype(np.float32)
+    top = _hash(ix, iy, salt) * (1 - fx) + _hash(ix + 1, iy, salt) * fx
+    bottom = _hash(ix, iy + 1, salt) * (1 - fx) + _hash(ix + 1, iy + 1, salt) * fx
+    return top * (1 - fy) + bottom * fy
+
+
 def _sun(scene: Scene) -> np.ndarray:
     ce = math.cos(scene.sun_elevation)
     a = scene.sun_azimuth
@@ -408,8 +421,8 @@ def _ground(scene: Scene, gx: np.ndarray, gy: np.ndarray, t: np.ndarray) -> np.n
     lat = (gy - 0.5 * scene.curvature * gx**2) * np.cos(heading)
     along = gx  # close enough to arc length for the gentle curvatures used
     fade = np.exp(-t / 40.0)
-    fine = _hash(np.floor(gx * 1.5), np.floor(gy * 1.5), 1) - 0.5
-    coarse = _hash(np.floor(gx / 3), np.floor(gy / 3), 2) - 0.5
+    fine = _smooth_noise(gx * 0.5, gy * 0.5, 1) - 0.5
+    coarse = _smooth_noise(gx / 3, gy / 3, 2) - 0.5
     alat = np.abs(lat)
     verge = np.array(_GROUND[scene.ground], np.float32)
     # Snow is near white: weaker texture keeps it from clipping into blotches.
@@ -485,7 +498,7 @@ def _hit_sphere(ox, oy, oz, dx, dy, dz, c, dims, sun):
     th = np.where(hit, t, 0)  # finite stand-in so misses give finite (unused) normals
     nx, ny, nz = (px + th * dx) / r, (py + th * dy) / r, (pz + th * dz) / r
     lam = np.maximum(nx * sun[0] + ny * sun[1] + nz * sun[2], 0)
-    leaves = _hash(np.floor(nx * 4 + 8), np.floor(ny * 4 + 8) + 16 * np.floor(nz * 4 + 8), 3)
+    leaves = _smooth_noise(nx * 2 + 8, ny * 2 + 8 + 16 * np.floor(nz * 2 + 8), 3)
     return t, lam, leaves
 
 
@@ -552,10 +565,12 @@ def render_scene(
     n_views: int = 6,
     fps: float = 24.0,
     supersample: int = 1,
+    lens_blur: float = LENS_BLUR_PX,
 ) -> np.ndarray:
     """Ray-cast `scene` through the first `n_views` cameras of CAMERAS -> uint8 [V, T, H, W, 3].
 
     supersample: s renders at (s*H, s*W) and box-filters down (less aliasing, s^2 slower).
+    lens_blur: Gaussian sigma in output pixels applied last (0 = none).
     """
     hs, ws = height * supersample, width * supersample
     rays = camera_rays(hs, ws, n_views)  # [V, H, W, 3] car frame
@@ -602,7 +617,7 @@ def render_scene(
                 shade = np.broadcast_to(alb, (*t.shape, 3))
                 if prims.windows[p]:  # facade windows: dark panes on a floor/bay grid, not on the roof
                     pane = (np.mod(z, 3.2) > 1.0) & (np.mod(z, 3.2) < 2.4) & (np.mod(along, 3.0) > 0.8) & (axis != 2)
-                    shade = np.where(pane[..., None], np.float32(0.18) * (0.7 + 0.3 * alb), alb)
+                    shade = np.where(pane[..., None], np.float32(0.6) * alb, alb)  # soft contrast: 8 px patches
             elif prims.kind[p] == _CYL:
                 t, lam = _hit_cyl(*args, prims.dims[p], sun)
                 shade = np.broadcast_to(alb, (*t.shape, 3))
@@ -622,15 +637,39 @@ def render_scene(
         if supersample > 1:
             s = supersample
             img = img.reshape(n_f, n_views, height, s, width, s, 3).mean((3, 5))
+        if lens_blur > 0:
+            img = _gaussian_blur(img, lens_blur)
         out[:, fs] = (img * 255 + 0.5).astype(np.uint8).transpose(1, 0, 2, 3, 4)
     return out
 
 
+def _gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of images [..., H, W, 3] (edges replicated)."""
+    r = max(1, int(3 * sigma + 0.5))
+    k = np.exp(-(np.arange(-r, r + 1) ** 2) / (2 * sigma**2)).astype(np.float32)
+    k /= k.sum()
+    for axis in (-3, -2):
+        pad = [(0, 0)] * img.ndim
+        pad[axis] = (r, r)
+        p = np.pad(img, pad, mode="edge")
+        n = img.shape[axis]
+        shifted = (p[..., i : i + n, :, :] if axis == -3 else p[..., i : i + n, :] for i in range(len(k)))
+        img = sum(w * x for w, x in zip(k, shifted, strict=True))
+    return img
+
+
 def render_clip(
-    seed: int, n_frames: int, height: int, width: int, n_views: int = 6, fps: float = 24.0, supersample: int = 1
+    seed: int,
+    n_frames: int,
+    height: int,
+    width: int,
+    n_views: int = 6,
+    fps: float = 24.0,
+    supersample: int = 1,
+    lens_blur: float = LENS_BLUR_PX,
 ) -> np.ndarray:
     """Render the scene of make_scene(seed) -> uint8 [V, T, H, W, 3], views in CAMERAS order."""
-    return render_scene(make_scene(seed), n_frames, height, width, n_views, fps, supersample)
+    return render_scene(make_scene(seed), n_frames, height, width, n_views, fps, supersample, lens_blur)
 
 
 def clip_seed(seed: int, index: int) -> int:

@@ -33,6 +33,7 @@ def build_tiny_assets(checkpoint_dir: Path, seed: int = 0, repos: list[str] | No
         out = local_dir(checkpoint_dir, repo)
         out.mkdir(parents=True, exist_ok=True)
         builders[repo](out, seed=seed)
+        made = "a linear tokenizer fitted to the synthetic renderer" if repo == TOKENIZER_REPO else "random weights"
         (out / "README.md").write_text(
-            f"Tiny stand-in for {repo}, made by mvdit.tiny (random weights; same file formats and layout).\n"
+            f"Tiny stand-in for {repo}, made by mvdit.tiny ({made}; same file formats and layout).\n"
         )
