@@ -16,13 +16,12 @@ from mvdit.experiment import (
     ModelCfg,
     TrainCfg,
     check_files,
-    ema_beta,
-    ema_gamma,
     load_experiment,
     load_schema,
-    lr_multiplier,
     validate,
 )
+from mvdit.training.ema import ema_beta, ema_gamma
+from mvdit.training.optim import lr_multiplier
 
 from .conftest import ROOT
 

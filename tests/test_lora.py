@@ -24,7 +24,6 @@ from mvdit.checkpoint import (
 )
 from mvdit.config import get_preset
 from mvdit.lora import (
-    AdapterEma,
     LoraError,
     LoraSettings,
     adapter_state_dict,
@@ -40,6 +39,8 @@ from mvdit.lora import (
 )
 from mvdit.loss import LossConfig, draw_loss_randomness, training_loss
 from mvdit.network import DiffusionModel
+from mvdit.training.checkpointing import lora_train_state
+from mvdit.training.ema import AdapterEma
 from mvdit.video_io import read_video
 
 from .conftest import ROOT, tiny_inference_setup
@@ -253,17 +254,6 @@ def test_short_lora_run_lowers_the_loss(tmp_path):
 # --------------------------------------------------------------------------------------------- FSDP2, 2 processes
 
 
-def _lora_train_state(model, ema, optim) -> dict:
-    """The sharded LoRA training state for DCP: adapters, EMA adapters and optimizer (the frozen base is not
-    saved: it comes back from the init checkpoint). The code train.py uses instead of parallel.sharded_state."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-    from mvdit.lora import is_lora_key
-
-    adapters = {k: v for k, v in get_model_state_dict(model).items() if is_lora_key(k)}
-    return {"model": adapters, "ema": ema.state_dict(), "optim": get_optimizer_state_dict(model, optim)}
-
-
 def _fsdp_worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -309,14 +299,14 @@ def _fsdp_worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
                 losses.append(out.loss.item())
             if mode == "fp32":  # sharded adapter-only save, then resume into a fresh model: bitwise equal state
                 ckpt = str(Path(out_dir, "dcp"))
-                dcp.save(_lora_train_state(model, ema, optim), checkpoint_id=ckpt)
+                dcp.save(lora_train_state(model, ema, optim), checkpoint_id=ckpt)
                 _, model2, optim2, ema2 = make(base_dtype)
-                state = _lora_train_state(model2, ema2, optim2)
+                state = lora_train_state(model2, ema2, optim2)
                 dcp.load(state, checkpoint_id=ckpt)
                 set_model_state_dict(model2, state["model"], options=StateDictOptions(strict=False))
                 ema2.load_state_dict(state["ema"])
                 set_optimizer_state_dict(model2, optim2, state["optim"])
-                a1, a2 = _lora_train_state(model, ema, optim), _lora_train_state(model2, ema2, optim2)
+                a1, a2 = lora_train_state(model, ema, optim), lora_train_state(model2, ema2, optim2)
                 resume_ok = all(
                     torch.equal(a1[p][k].to_local(), a2[p][k].to_local()) for p in ("model", "ema") for k in a1[p]
                 )

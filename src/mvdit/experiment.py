@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jsonschema
-import numpy as np
 import yaml
 
 from mvdit.config import NetConfig, get_preset
@@ -405,25 +404,6 @@ def _plain(obj):
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     return obj
-
-
-def lr_multiplier(step: int, warmup_steps: int, f_start: float) -> float:
-    """Upstream's LambdaLinearScheduler with f_max = f_min = 1: linear warm-up from f_start, then 1."""
-    if warmup_steps and step < warmup_steps:
-        return f_start + (1.0 - f_start) * step / warmup_steps
-    return 1.0
-
-
-def ema_gamma(rate: float) -> float:
-    """EDM2 power-EMA exponent: the largest real root of x^3 + 7x^2 + (16 - s^-2) x + (12 - s^-2)."""
-    s2 = rate**-2
-    roots = np.roots([1, 7, 16 - s2, 12 - s2])
-    return float(max(r.real for r in roots if abs(r.imag) < 1e-9))
-
-
-def ema_beta(it: int, gamma: float) -> float:
-    """Decay after step `it` (0-based): 0 at it = 0 (the EMA becomes the weights), then (1 - 1/(it+1))^(gamma+1)."""
-    return 0.0 if it == 0 else (1 - 1 / (it + 1)) ** (gamma + 1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -402,51 +402,6 @@ def merge_state_dict(
     return out
 
 
-# ------------------------------------------------------------------------------------------------------- EMA
-
-
-class AdapterEma:
-    """Power-EMA of the adapter parameters only (the frozen base is its own average), fp32, sharded like the model.
-
-    Keys are the model's parameter names, so `state_dict()` goes into a DCP checkpoint as it is.
-    """
-
-    def __init__(self, model: nn.Module):
-        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters() if is_lora_key(n)}
-        if not self.shadow:
-            raise LoraError("AdapterEma: the model has no LoRA adapters")
-
-    @staticmethod
-    def _local(t: Tensor) -> Tensor:
-        return t.to_local() if hasattr(t, "to_local") else t
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, beta: float) -> None:
-        """shadow = beta * shadow + (1 - beta) * adapters (local shards; no communication)."""
-        params = dict(model.named_parameters())
-        ema = [self._local(t) for t in self.shadow.values()]
-        cur = [self._local(params[n]).float() for n in self.shadow]
-        torch._foreach_mul_(ema, beta)
-        torch._foreach_add_(ema, cur, alpha=1 - beta)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return self.shadow
-
-    @torch.no_grad()
-    def load_state_dict(self, sd: Mapping[str, Tensor]) -> None:
-        missing = [k for k in self.shadow if k not in sd]
-        unexpected = [k for k in sd if k not in self.shadow]
-        if missing or unexpected:
-            raise CheckpointMismatchError(f"EMA adapters: missing {_short(missing)}; unexpected {_short(unexpected)}")
-        for k, t in self.shadow.items():
-            if sd[k] is not t:
-                t.copy_(sd[k])
-
-    def adapter_state_dict(self) -> dict[str, Tensor]:
-        """Full adapter tensors under file names (collective when sharded: call on every rank)."""
-        return {_file_name(n): _full(t) for n, t in self.shadow.items()}
-
-
 # ------------------------------------------------------------------------------------------------------- loading
 
 
