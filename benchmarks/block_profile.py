@@ -2,7 +2,7 @@
 
 Builds ONE `mvdit.network.Block` of the preset (random weights) and the inputs a Block receives inside
 `MultiviewDiT.forward` at the full sample (x [B, N, D], emb [B, D], AdaLN-LoRA [B, 3D], context [B, V*L, Dc], RoPE
-angles [N, head_dim] fp32, sin-cos table [N, D], n_views); the inputs come from the network's own preamble, run on a
+angles [N, head_dim] fp32, sin-cos table [N, D], ViewRuns); the inputs come from the network's own preamble, run on a
 1-block copy of the preset and stopped at the block. Then, in one process:
 
   ceilings    bf16 GEMM N x D x D and fused SDPA forward per backend (common.ceilings) -> the floor of one block
@@ -10,7 +10,7 @@ angles [N, head_dim] fp32, sin-cos table [N, D], n_views); the inputs come from 
               per-view cross-attention SDPA, timed alone
   variants    the block forward (CUDA events, warm-up, median):
                 eager            the module as it is
-                compile          torch.compile(blk.forward, dynamic=False), exactly mvdit.pipeline.compile_blocks
+                compile          blk.compile(dynamic=False), exactly mvdit.pipeline.compile_blocks
                 compile-cdt      the same with inductor's coordinate_descent_tuning
                 compile-max      mode="max-autotune-no-cudagraphs" (max_autotune + coordinate descent tuning)
                 compile-max-tma  max-autotune with Triton's persistent TMA matmul templates
@@ -46,7 +46,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
 
-from mvdit import network  # noqa: E402
 from mvdit.config import get_preset  # noqa: E402
 from mvdit.network import MultiviewDiT  # noqa: E402
 
@@ -113,7 +112,7 @@ class _Captured(Exception):
 
 def block_inputs(cfg, shape, views: int, text_len: int, dev: str, dtype: torch.dtype):
     """A 1-block MultiviewDiT of `cfg` (random weights); its forward runs up to the block, whose positional
-    arguments (x, emb, lora, context, rope, pos_emb, n_views, tokens) are captured. Returns (block, args)."""
+    arguments (x, emb, lora, context, rope, pos_emb, views) are captured. Returns (block, args)."""
     net = C.build_random(MultiviewDiT, cfg.replace(num_blocks=1), dev, dtype).eval()
     net.requires_grad_(False)
     blk = net.blocks["block0"]
@@ -153,22 +152,23 @@ def block_inputs(cfg, shape, views: int, text_len: int, dev: str, dtype: torch.d
 
 
 def describe(args) -> list:
-    names = ["x", "emb", "lora", "context", "rope", "pos_emb", "n_views", "tokens"]
+    names = ["x", "emb", "lora", "context", "rope", "pos_emb", "views"]
     out = []
     for n, a in zip(names, args, strict=False):
         if isinstance(a, torch.Tensor):
             out.append({"name": n, "shape": list(a.shape), "dtype": str(a.dtype).replace("torch.", "")})
         else:
-            out.append({"name": n, "value": a})
+            out.append({"name": n, "value": repr(a)})
     return out
 
 
 # ------------------------------------------------------------------------------------------------ variants
 def install(blk, name: str) -> None:
-    """Put the variant's forward on the block (eager: the class's own)."""
+    """Put the variant on the block through its seams (eager: the block as it is)."""
     base = name.split("#")[0]
     if base in CONTIG:
-        network.F = types.SimpleNamespace(**(vars(F) | {"scaled_dot_product_attention": contiguous_sdpa}))
+        for m in C.attentions(blk):
+            m.attention_fn = contiguous_sdpa
         base = base.removesuffix("-contig")
     if base not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}; choose from {', '.join([*VARIANTS, *CONTIG])}")
@@ -181,17 +181,17 @@ def install(blk, name: str) -> None:
 
         compile_blocks(types.SimpleNamespace(blocks={"block0": blk}))  # exactly what inference does
     else:
-        blk.forward = torch.compile(blk.forward, dynamic=False, **spec)
+        blk.compile(dynamic=False, **spec)
 
 
-def contiguous_sdpa(q, k, v, *args, **kwargs):
-    return F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous(), *args, **kwargs)
+def contiguous_sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous())
 
 
 def uninstall(blk) -> None:
-    if "forward" in blk.__dict__:
-        del blk.forward
-    network.F = F
+    C.uncompile(blk)
+    for m in C.attentions(blk):
+        m.__dict__.pop("attention_fn", None)
     torch._dynamo.reset()
 
 

@@ -1,5 +1,5 @@
 """Shared helpers of the benchmarks: FLOP counts, random-weight model builds, timers, SDPA backend switches,
-ceilings and the speed-up variants (monkeypatches of mvdit that a src change would make permanent).
+ceilings and the speed-up variants (installed through mvdit's seams: Attention.attention_fn / qk_fn, module compile).
 
 Needs only torch + einops (+ triton for torch.compile on CUDA) and the mvdit package (PYTHONPATH=src).
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.attention import sdpa_kernel
 
 from mvdit import sdpa
@@ -331,54 +331,43 @@ def stored_floor_fractions(res: dict) -> dict[str, dict]:
 
 
 # ------------------------------------------------------------------------------------------ fused QK-norm + RoPE
-def _qk_norm_rope(q: Tensor, k: Tensor, wq: Tensor, wk: Tensor, rope: Tensor | None, heads: int):
-    """[B, N, D] projections -> per-head RMSNorm (+ rotate-half RoPE) -> [B, h, N, d], fp32 math as mvdit does."""
-    from mvdit.network import rms_norm
-    from mvdit.posemb import apply_rope
-
-    b, n, d = q.shape
-    m = k.shape[1]
-    q = rms_norm(q.view(b, n, heads, d // heads).transpose(1, 2), wq)
-    k = rms_norm(k.view(b, m, heads, d // heads).transpose(1, 2), wk)
-    if rope is not None:
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
-    return q, k
-
-
 _compiled_qk = None
 
 
-@contextlib.contextmanager
-def fused_qk_norm_rope():
-    """Replace Attention.forward with one whose q/k RMSNorm and RoPE run as a torch.compile'd (fused) function."""
+def attentions(net: nn.Module):
+    """Every mvdit.network.Attention of `net` (self- and cross-attention)."""
+    from mvdit.network import Attention
 
-    from mvdit import network
+    return [m for m in net.modules() if isinstance(m, Attention)]
+
+
+@contextlib.contextmanager
+def fused_qk_norm_rope(net: nn.Module):
+    """Every Attention's q/k RMSNorm and RoPE as one torch.compile'd (fused) function, through the `qk_fn` seam."""
+    from mvdit.network import qk_norm_rope
 
     global _compiled_qk
     if _compiled_qk is None:
-        _compiled_qk = torch.compile(_qk_norm_rope, dynamic=False, fullgraph=True)
-    orig = network.Attention.forward
-
-    def forward(self, x, context=None, rope=None, n_groups=1, tokens=None):
-        if tokens is not None:  # context parallelism: the package's own path
-            return orig(self, x, context, rope, n_groups, tokens)
-        ctx = x if context is None else context
-        q, k = _compiled_qk(
-            self.to_q[0](x), self.to_k[0](ctx), self.to_q[1].weight, self.to_k[1].weight, rope, self.num_heads
-        )
-        return self.attend(q, k, self.heads(self.to_v[0](ctx)), n_groups)
-
-    network.Attention.forward = forward
+        _compiled_qk = torch.compile(qk_norm_rope, dynamic=False, fullgraph=True)
+    mods = attentions(net)
+    for m in mods:
+        m.qk_fn = _compiled_qk
     try:
         yield
     finally:
-        network.Attention.forward = orig
+        for m in mods:
+            del m.qk_fn
 
 
 # ---------------------------------------------------------------------------------------------- regional compile
+def uncompile(module: nn.Module) -> None:
+    """Undo `module.compile()` (nn.Module.compile has no public inverse)."""
+    module._compiled_call_impl = None
+
+
 @contextlib.contextmanager
 def compiled_blocks(net: nn.Module):
-    """Every Block's forward compiled as infer.compile does (mvdit.pipeline.compile_blocks), undone on exit."""
+    """Every Block compiled as infer.compile does (mvdit.pipeline.compile_blocks), undone on exit."""
     import torch._dynamo
 
     from mvdit.pipeline import compile_blocks
@@ -389,7 +378,7 @@ def compiled_blocks(net: nn.Module):
         yield
     finally:
         for blk in net.blocks.values():
-            del blk.forward
+            uncompile(blk)
         torch._dynamo.reset()  # the next variant compiles afresh (a compiled graph keeps its SDPA kernel)
 
 

@@ -100,7 +100,7 @@ def variant_contexts(name: str, net):
     if "flash" in parts:
         stack.enter_context(C.sdpa_backend("flash"))
     if "fusedqk" in parts:
-        stack.enter_context(C.fused_qk_norm_rope())
+        stack.enter_context(C.fused_qk_norm_rope(net))
     if "compile" in parts:
         stack.enter_context(C.compiled_blocks(net))
     return stack, "batch2" in parts

@@ -35,7 +35,7 @@ import common as C  # noqa: E402
 from mvdit import context_parallel  # noqa: E402
 from mvdit.config import get_preset  # noqa: E402
 from mvdit.edm import Condition, condition_indicator, run_net  # noqa: E402
-from mvdit.network import LocalTokens, MultiviewDiT  # noqa: E402
+from mvdit.network import MultiviewDiT  # noqa: E402
 
 PERF_MD = {"sample_35_floor_1gpu_s": [402, 421], "sample_35_floor_8gpu_ideal_s": [50, 53], "upstream_8gpu_step_s": 3.7}
 
@@ -184,26 +184,26 @@ def main(argv=None):
             )
         sd = shard_sdpa[world]
         if world == 1:
-            net.context_parallel = None
+            context_parallel.disable(net)
             comm = {"ms": 0.0}
         elif real_world > 1:
             cp = context_parallel.enable(net, mode=cp_mode)
-            toks = LocalTokens.split(n, procs.rank, world, cp, cp_mode == "ulysses")
-            hd, nl = cfg.head_dim, toks.stop - toks.start
+            sizes = context_parallel.shard_sizes(n, world)
+            hd, nl = cfg.head_dim, sizes[procs.rank]
             if cp_mode == "ulysses":
                 qkv = torch.randn(3, 1, cfg.num_heads, nl, hd, device=dev, dtype=dtype)
                 o = torch.randn(1, cfg.num_heads // world, n, hd, device=dev, dtype=dtype)
 
-                def block_comm(qkv=qkv, o=o, toks=toks):
-                    waited(toks.comm.heads_to_tokens(qkv, toks.sizes))
-                    return waited(toks.comm.tokens_to_heads(o, toks.sizes))
+                def block_comm(qkv=qkv, o=o, cp=cp, sizes=sizes):
+                    waited(cp.heads_to_tokens(qkv, sizes))
+                    return waited(cp.tokens_to_heads(o, sizes))
 
                 per_block = 4 * n * cfg.model_channels * bytes_per / world
             else:
                 kv = torch.randn(2, 1, cfg.num_heads, nl, hd, device=dev, dtype=dtype)
 
-                def block_comm(kv=kv, toks=toks):
-                    return waited(toks.gather(kv, 3))
+                def block_comm(kv=kv, cp=cp, sizes=sizes):
+                    return waited(cp.all_gather(kv, 3, sizes))
 
                 per_block = 2 * n * cfg.model_channels * bytes_per
             t = C.time_ms(block_comm, dev, reps=5, warmup=2)
@@ -211,7 +211,7 @@ def main(argv=None):
             comm["measured_ms"] = comm["measured_ms_per_block"] * cfg.num_blocks
             comm["bus_gbps"] = per_block * (world - 1) / world / (C.med(t) * 1e-3) / 1e9
         else:
-            net.context_parallel = LocalGather(world, cp_mode)
+            context_parallel.install(net, LocalGather(world, cp_mode))
             comm = comm_model(cfg, n, world, cp_mode, a.link_gbps, bytes_per) | {"modelled_at_gbps": a.link_gbps}
         for mode, batch in [(m, b) for m in modes for b in batches]:
             key = (f"P{world}_{mode}" if world == 1 else f"P{world}_{cp_mode}_{mode}") + ("_b2" if batch == 2 else "")

@@ -9,8 +9,8 @@ MixedPrecisionPolicy bf16 compute, fp32 gradient reduction), as src/train.py run
 
 Activation checkpointing variants (per Block, non-reentrant: the composable `checkpoint` parallelize applies):
   ac   full AC (recompute each Block in backward), what train.activation_checkpointing: full gives;
-  sac  selective (torch.utils.checkpoint of each Block's forward with a policy): as ac, but the self-attention
-       SDPA outputs are saved, not recomputed: +0.6 GiB per block;
+  sac  selective (the same checkpoint with mvdit.parallel's policy: train.activation_checkpointing: selective): as
+       ac, but the self-attention SDPA outputs are saved, not recomputed: +0.6 GiB per block;
   noac no checkpointing (needs ~23 GiB of activations per block at this size: does not fit 80 GB; opt-in).
 
 The floor of each variant (common.train_floors: LoRA has no weight-gradient GEMMs for the frozen base; full or
@@ -24,10 +24,8 @@ CPU smoke test:     PYTHONPATH=src python benchmarks/train_lora.py --preset tiny
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -37,17 +35,12 @@ import common as C  # noqa: E402
 
 from mvdit.config import get_preset  # noqa: E402
 from mvdit.constants import CAMERAS  # noqa: E402
-from mvdit.lora import AdapterEma, LoraSettings, add_lora, init_lora, lora_parameters  # noqa: E402
+from mvdit.lora import LoraSettings, add_lora, init_lora, lora_parameters  # noqa: E402
 from mvdit.loss import LossConfig, draw_loss_randomness, training_loss  # noqa: E402
-from mvdit.network import Block, DiffusionModel  # noqa: E402
+from mvdit.network import DiffusionModel  # noqa: E402
+from mvdit.training.ema import AdapterEma  # noqa: E402
 
 PERF_MD = {"train_sample_model_flops": 1.11e16}  # the floors come from common.train_floors (LoRA, per checkpointing)
-SDPA_OPS = (
-    "_scaled_dot_product_cudnn_attention",
-    "_scaled_dot_product_flash_attention",
-    "_scaled_dot_product_efficient_attention",
-    "_scaled_dot_product_flash_attention_for_cpu",
-)
 
 
 def parse_args(argv=None):
@@ -83,26 +76,9 @@ def lora_flops(cfg, s: LoraSettings, tokens: int, ctx_tokens: int, fl: dict) -> 
     return {"adapter_forward": adapter_fwd, "train_sample_lora_model": total}
 
 
-def sac_context():
-    """Selective AC policy: save the outputs of self-attention SDPA (query and key of the same length), recompute
-    everything else."""
-    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
-
-    names = {getattr(torch.ops.aten, n).default for n in SDPA_OPS if hasattr(torch.ops.aten, n)}
-
-    def policy(ctx, op, *args, **kwargs):
-        if op in names and args[0].shape[-2] == args[1].shape[-2]:
-            return CheckpointPolicy.MUST_SAVE
-        return CheckpointPolicy.PREFER_RECOMPUTE
-
-    return functools.partial(create_selective_checkpoint_contexts, policy)
-
-
 def build(cfg, s: LoraSettings, dev: str, mesh, variant: str) -> DiffusionModel:
     """Meta build -> add_lora (base bf16, adapters fp32) -> to_empty on the device -> random base, peft-init adapters
     -> checkpointing -> FSDP2 (parallelize) with bf16 compute."""
-    from torch.utils.checkpoint import checkpoint
-
     from mvdit.parallel import parallelize
 
     with torch.device("meta"):
@@ -111,13 +87,8 @@ def build(cfg, s: LoraSettings, dev: str, mesh, variant: str) -> DiffusionModel:
     model.to_empty(device=dev)
     C.init_random_(model)  # random base (buffers recomputed); the adapters get peft's init next
     init_lora(model, torch.Generator().manual_seed(0))
-    if variant == "sac":  # checkpoint the forward function, so FSDP2's hooks (around __call__) stay outside it
-        ctx = sac_context()
-        for blk in model.net.blocks.values():
-            blk.forward = types.MethodType(
-                lambda self, *args: checkpoint(Block.forward, self, *args, use_reentrant=False, context_fn=ctx), blk
-            )
-    parallelize(model, mesh, param_dtype=torch.bfloat16, activation_checkpointing=variant == "ac")
+    ac = {"ac": "full", "sac": "selective"}.get(variant, "none")
+    parallelize(model, mesh, param_dtype=torch.bfloat16, activation_checkpointing=ac)
     return model.train()
 
 

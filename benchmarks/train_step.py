@@ -19,12 +19,10 @@ import argparse
 import contextlib
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
@@ -32,7 +30,7 @@ import common as C  # noqa: E402
 from mvdit.config import get_preset  # noqa: E402
 from mvdit.constants import CAMERAS  # noqa: E402
 from mvdit.loss import LossConfig, draw_loss_randomness, training_loss  # noqa: E402
-from mvdit.network import Block, DiffusionModel  # noqa: E402
+from mvdit.network import DiffusionModel  # noqa: E402
 
 PERF_MD = {
     "train_sample_model_flops": 1.11e16,
@@ -65,44 +63,29 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-_compiled_block_forward = None
-
-
-def block_forward_fn(compiled: bool):
-    """Block.forward, or its torch.compile'd version (one graph shared by every block: regional compilation)."""
-    global _compiled_block_forward
-    if not compiled:
-        return Block.forward
-    if _compiled_block_forward is None:
-        import torch._dynamo
-
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        _compiled_block_forward = torch.compile(Block.forward, dynamic=False)
-    return _compiled_block_forward
-
-
 def set_depth(
     model: DiffusionModel, all_blocks: list, n: int, ac: bool, compiled: bool = False, selective: bool = False
 ) -> None:
-    """Use the first n blocks; wrap each in non-reentrant activation checkpointing when ac (around the compiled
-    forward when compiled); selective keeps the self-attention outputs (mvdit.parallel's policy)."""
+    """Use the first n blocks: each torch.compile'd when compiled (one graph shared by every block: regional
+    compilation) and wrapped in non-reentrant activation checkpointing when ac (around the compiled block; selective
+    keeps the self-attention outputs: mvdit.parallel's policy). The wrappers are rebuilt per run; the blocks stay."""
+    import torch._dynamo
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
     from mvdit.parallel import selective_checkpoint_context
 
-    model.net.blocks = nn.ModuleDict(all_blocks[:n])
-    fn = block_forward_fn(compiled)
-    for _, blk in all_blocks:
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    blocks = {}
+    for name, blk in all_blocks[:n]:
+        m = torch.compile(blk, dynamic=False) if compiled else blk
         if ac:
             kw = {"context_fn": selective_checkpoint_context()} if selective else {}
-            blk.forward = types.MethodType(
-                lambda self, *args, f=fn, kw=kw: checkpoint(f, self, *args, use_reentrant=False, **kw), blk
-            )
-        elif compiled:
-            blk.forward = types.MethodType(fn, blk)
-        elif "forward" in blk.__dict__:
-            del blk.forward
+            m = checkpoint_wrapper(m, checkpoint_impl=CheckpointImpl.NO_REENTRANT, **kw)
+        blocks[name] = m
+    model.net.blocks = nn.ModuleDict(blocks)
 
 
-def variant_ctx(name: str):
+def variant_ctx(name: str, net: nn.Module):
     parts = set(name.split("+"))
     stack = contextlib.ExitStack()
     if "cudnn" in parts:
@@ -110,7 +93,7 @@ def variant_ctx(name: str):
     if "flash" in parts:
         stack.enter_context(C.sdpa_backend("flash"))
     if "fusedqk" in parts:
-        stack.enter_context(C.fused_qk_norm_rope())
+        stack.enter_context(C.fused_qk_norm_rope(net))
     return stack
 
 
@@ -209,7 +192,7 @@ def main(argv=None):
             C.mem_reset(dev)
             r["static_gib"] = C.mem_now_gib(dev)
             try:
-                with variant_ctx(variant):
+                with variant_ctx(variant, model.net):
                     t0 = time.perf_counter()
                     loss = step()  # also allocates the gradients, as the first step of a run would
                     C.sync(dev)

@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 from mvdit import context_parallel
 from mvdit.config import get_preset
 from mvdit.constants import CAMERAS
-from mvdit.network import LocalTokens, MultiviewDiT, shard_bounds
+from mvdit.context_parallel import shard_bounds
+from mvdit.network import Attention, MultiviewDiT, ViewRuns
 from mvdit.pipeline import compile_blocks, generate
 from mvdit.prompts import JSONL_KEYS
 from mvdit.video_io import read_video
@@ -51,11 +52,11 @@ def test_shard_bounds_cover_the_sequence_in_order():
             assert max(sizes) - min(sizes) <= 1
 
 
-def test_view_segments_split_a_slice_at_view_edges():
-    toks = LocalTokens.split(45, 1, 2, comm=None)  # tokens 23..44 of 5 views of 9
-    assert (toks.start, toks.stop) == (23, 45)
-    assert toks.view_segments(5) == [(0, 4, 2), (4, 13, 3), (13, 22, 4)]
-    assert LocalTokens.split(72, 0, 2, None).view_segments(6) == [(0, 12, 0), (12, 24, 1), (24, 36, 2)]
+def test_view_runs_split_a_slice_at_view_edges():
+    assert shard_bounds(45, 1, 2) == (23, 45)  # tokens 23..44 of 5 views of 9
+    assert ViewRuns.of(5, 45, 23, 45).runs == ((0, 4, 2), (4, 13, 3), (13, 22, 4))
+    assert ViewRuns.of(6, 72, 0, 36).runs == ((0, 12, 0), (12, 24, 1), (24, 36, 2))
+    assert ViewRuns.of(6, 72).whole and not ViewRuns.of(6, 72, 0, 36).whole and not ViewRuns.of(2, 9, 1, 9).whole
 
 
 def tiny_net(seed: int = 0) -> MultiviewDiT:
@@ -148,9 +149,9 @@ def test_compiled_blocks_with_context_parallelism_match_one_process(tmp_path):
 
 def test_ulysses_refuses_a_process_count_that_does_not_divide_the_heads():
     net = tiny_net()
-    net.context_parallel = context_parallel.ContextParallel(group=None, rank=0, world=3, mode="ulysses")
     with pytest.raises(ValueError, match="3 processes to divide 4 heads"):
-        net(**inputs(*CASES["uneven_mid_view"]))
+        context_parallel.install(net, context_parallel.ContextParallel(group=None, rank=0, world=3, mode="ulysses"))
+    assert all(type(m).attention_fn is m.attention_fn for m in net.modules() if isinstance(m, Attention))
     with pytest.raises(ValueError, match="mode must be one of"):
         context_parallel.ContextParallel.of(None, mode="ring")
 
@@ -159,10 +160,14 @@ def test_a_disabled_model_is_the_plain_model():
     net = tiny_net()
     with torch.no_grad():
         ref = net(**inputs(*CASES["uneven_mid_view"]))
-        net.context_parallel = context_parallel.ContextParallel(group=None, rank=0, world=1)
+        assert context_parallel.install(net, context_parallel.ContextParallel(group=None, rank=0, world=1)) is None
         assert torch.equal(net(**inputs(*CASES["uneven_mid_view"])), ref)  # world 1: nothing is split
+        sharding = context_parallel.install(net, context_parallel.ContextParallel(group=None, rank=0, world=2))
+        assert isinstance(net.blocks["block0"].blocks[0].block.attn.attention_fn, context_parallel.ShardedAttention)
         context_parallel.disable(net)
-        assert net.context_parallel is None
+        assert sharding is not None and not net._forward_pre_hooks and not net.final_layer._forward_hooks
+        assert all(type(m).attention_fn is m.attention_fn for m in net.modules() if isinstance(m, Attention))
+        assert torch.equal(net(**inputs(*CASES["uneven_mid_view"])), ref)
     assert "context_parallel" not in "".join(net.state_dict())
 
 

@@ -10,7 +10,7 @@ from mvdit import fp8
 from mvdit.checkpoint import build_model
 from mvdit.config import get_preset
 from mvdit.experiment import ExperimentError
-from mvdit.network import Attention
+from mvdit.network import Attention, sdpa
 from mvdit.posemb import RopePosition3D, apply_rope, rope_table
 
 
@@ -146,7 +146,7 @@ def test_the_attention_seam_routes_self_attention_through_attention_fn():
 
     attn.attention_fn = spy
     torch.testing.assert_close(attn(x), before, rtol=0, atol=0)
-    assert calls == [(1, 4, 12, 16)] and Attention.attention_fn is None  # the class default is untouched
+    assert calls == [(1, 4, 12, 16)] and Attention.attention_fn is sdpa  # the class default is untouched
 
 
 def tiny_forward(net, seed=0):
@@ -169,7 +169,7 @@ def test_apply_converts_every_block_from_outside_and_the_output_stays_close():
     assert "blocks.block0.blocks.1.block.attn.to_k.0.weight" in names  # cross-attention k/v on text stay
     assert "blocks.block0.blocks.0.adaLN_modulation.1.weight" in names  # modulation stays
     blk = model.net.blocks["block0"].blocks
-    assert blk[0].block.attn.attention_fn is fp8.emulated_attention and blk[1].block.attn.attention_fn is None
+    assert blk[0].block.attn.attention_fn is fp8.emulated_attention and blk[1].block.attn.attention_fn is sdpa
     out = tiny_forward(model.net)
     assert 1e-3 < rel(out, ref) < 0.15  # the FP8 path ran, and it is FP8-close
 

@@ -4,6 +4,9 @@ it either trades tokens for heads with all-to-alls (mode "ulysses": all tokens o
 per rank and block) or gathers every slice's keys and values ("allgather": 2 N D values per block; any process
 count). A rank does 1/P of the attention and GEMM work; the weights are replicated. Every rank ends each forward with
 the whole network output, so the sampler runs unchanged and in lockstep on every rank.
+
+`install`/`enable` reach the network only through its seams: a forward pre-hook passes this rank's `TokenSlice`, each
+self-attention's `attention_fn` becomes a `ShardedAttention`, and a forward hook on the final layer gathers the output.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from mvdit.network import TokenSlice
+
 # traceable by torch.compile (graph-friendly collectives); all_gather_tensor is renamed in torch 2.13
 _all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
 MODES = ("auto", "ulysses", "allgather")  # auto: ulysses from 4 processes on, where their count divides the heads
@@ -26,7 +31,7 @@ MODES = ("auto", "ulysses", "allgather")  # auto: ulysses from 4 processes on, w
 
 @dataclass
 class ContextParallel:
-    """What `MultiviewDiT.context_parallel` expects: rank, world and an all-gather along any dimension."""
+    """A process group seen by `install`: rank, world, mode and the collectives of the sharded forward."""
 
     group: dist.ProcessGroup
     rank: int
@@ -67,15 +72,108 @@ class ContextParallel:
         return rearrange(recv, "(p n) b h d -> b (p h) n d", p=self.world)
 
 
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """[start, stop) of rank's contiguous share of n tokens; the first n % world ranks hold one token more."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + int(rank < extra)
+
+
+def shard_sizes(n: int, world: int) -> tuple[int, ...]:
+    """Every rank's share of n tokens, in rank order."""
+    return tuple(b - a for a, b in (shard_bounds(n, r, world) for r in range(world)))
+
+
+def uses_ulysses(mode: str, world: int, num_heads: int) -> bool:
+    """Whether self-attention trades tokens for heads; auto: from 4 processes on, where their count divides the
+    heads (at 2 both move the same bytes and the all-gather computes 1 % faster)."""
+    ulysses = {"auto": world >= 4 and num_heads % world == 0, "ulysses": True, "allgather": False}[mode]
+    if ulysses and num_heads % world:
+        raise ValueError(
+            f"ulysses context parallelism needs {world} processes to divide {num_heads} heads; use allgather"
+        )
+    return ulysses
+
+
+class ShardedAttention:
+    """The self-attention function under context parallelism (installed as `Attention.attention_fn`): q, k, v
+    [B, H, n, d] of this rank's n tokens -> the output of its tokens, by `inner` (the function it replaced: SDPA, or
+    FP8 attention) over all keys and values."""
+
+    def __init__(self, sharding: Sharding, inner):
+        self.sharding, self.inner = sharding, inner
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        comm, sizes = self.sharding.comm, self.sharding.sizes
+        if self.sharding.ulysses:  # all tokens of H/P heads; back to this rank's tokens of all heads
+            q, k, v = comm.heads_to_tokens(torch.stack([q, k, v]), sizes).unbind(0)
+            return comm.tokens_to_heads(self.inner(q, k, v), sizes)
+        k, v = comm.all_gather(torch.stack([k, v]), 3, sizes).unbind(0)
+        return self.inner(q, k, v)
+
+
+class Sharding:
+    """Context parallelism installed on one MultiviewDiT: a forward pre-hook hands the network this rank's
+    TokenSlice (and records every rank's share for the collectives), each self-attention gets a ShardedAttention,
+    and a forward hook on the final layer gathers every rank's output tokens. `remove` undoes all three."""
+
+    def __init__(self, net: nn.Module, comm):
+        self.net, self.comm = net, comm
+        self.ulysses = uses_ulysses(comm.mode, comm.world, net.cfg.num_heads)
+        self.sizes: tuple[int, ...] = ()
+        self.attentions = [
+            sub.block.attn for blk in net.blocks.values() for sub in blk.blocks if sub.kind == "self_attn"
+        ]
+        self.replaced = [a.__dict__.get("attention_fn") for a in self.attentions]  # None: the class default
+        for a in self.attentions:
+            a.attention_fn = ShardedAttention(self, a.attention_fn)
+        self.handles = [
+            net.register_forward_pre_hook(self.slice_tokens, with_kwargs=True),
+            net.final_layer.register_forward_hook(self.gather_tokens),
+        ]
+
+    def slice_tokens(self, net: nn.Module, args: tuple, kwargs: dict):
+        x = kwargs["x"] if "x" in kwargs else args[0]
+        self.sizes = shard_sizes(net.num_tokens(tuple(x.shape)), self.comm.world)
+        start = sum(self.sizes[: self.comm.rank])
+        return args, kwargs | {"token_slice": TokenSlice(start, start + self.sizes[self.comm.rank])}
+
+    def gather_tokens(self, _module: nn.Module, _args: tuple, out: Tensor) -> Tensor:
+        return self.comm.all_gather(out, 1, self.sizes)  # every process ends with the whole output
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        for a, fn in zip(self.attentions, self.replaced, strict=True):
+            if fn is None:
+                del a.attention_fn
+            else:
+                a.attention_fn = fn
+
+
+def install(net: nn.Module, comm) -> Sharding | None:
+    """Share the token sequence of `net` (a MultiviewDiT, or a model holding one as `.net`) over the ranks of `comm`
+    (a ContextParallel, or a stand-in with rank, world, mode and its collectives). Install after mvdit.fp8.apply: the
+    sharded self-attention wraps whatever attention function is in place. One rank: nothing to install (None)."""
+    net = getattr(net, "net", net)
+    disable(net)
+    return Sharding(net, comm) if comm.world > 1 else None
+
+
 def enable(net: nn.Module, group: dist.ProcessGroup | None = None, mode: str = "auto") -> ContextParallel:
     """Share the token sequence of `net` (a MultiviewDiT, or a model holding one as `.net`) over `group`."""
     cp = ContextParallel.of(group, mode)
-    getattr(net, "net", net).context_parallel = cp
+    install(net, cp)
     return cp
 
 
 def disable(net: nn.Module) -> None:
-    getattr(net, "net", net).context_parallel = None
+    """Undo `install`/`enable` (nothing if context parallelism is not installed)."""
+    for m in getattr(net, "net", net).modules():
+        fn = m.__dict__.get("attention_fn")
+        if isinstance(fn, ShardedAttention):
+            fn.sharding.remove()
+            return
 
 
 @dataclass

@@ -342,8 +342,8 @@ def check(precision: str, device: torch.device | str, source: str = "experiment"
 def apply(net: nn.Module, plan: Fp8Plan) -> dict:
     """Convert a loaded MultiviewDiT in place: in every block the token-stream Linears (self-attention q/k/v/out,
     cross-attention q/out, MLP) become Fp8Linear and, unless plan.attention is "sdpa", the self-attention uses FP8
-    attention. Call after loading (and before compile_blocks). Returns counts for the log. Linears already wrapped
-    (e.g. LoRA adapters) are left as they are and counted as skipped."""
+    attention. Call after loading (before context parallelism and compile_blocks). Returns counts for the log. Linears
+    already wrapped (e.g. LoRA adapters) are left as they are and counted as skipped."""
     swapped = skipped = attn = 0
     for blk in net.blocks.values():
         for sub in blk.blocks:

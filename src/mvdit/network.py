@@ -4,16 +4,14 @@
 Views are stacked view-major on the time axis: latent frame index v * T + t. Self-attention is joint over every
 view and frame; cross-attention lets each view see only its own text tokens.
 
-Context parallelism (several processes sharing one sample's token sequence) is switched on from outside by giving
-`MultiviewDiT.context_parallel` an object with `rank`, `world`, `mode` and the collectives of `LocalTokens`
-(mvdit.context_parallel); the network itself has no distributed code: each process keeps a contiguous slice of the
-tokens, and self-attention either gathers all keys and values or trades tokens for heads (Ulysses).
+The modules are pure: context parallelism, compilation, activation checkpointing, FP8 and benchmark variants are
+applied from outside (mvdit.context_parallel, mvdit.parallel, mvdit.pipeline, mvdit.fp8) through the attention
+functions of `Attention`, `MultiviewDiT.forward`'s `token_slice`, module hooks and `nn.Module.compile`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -90,68 +88,69 @@ def adaln_modulation(dim: int, lora_dim: int, n_chunks: int) -> nn.Sequential:
     )
 
 
-def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
-    """[start, stop) of rank's contiguous share of n tokens; the first n % world ranks hold one token more."""
-    base, extra = divmod(n, world)
-    start = rank * base + min(rank, extra)
-    return start, start + base + int(rank < extra)
+def sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v over heads [B, h, N, d] by torch's fused kernel: the default attention function."""
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def qk_norm_rope(
+    q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, rope: Tensor | None, num_heads: int
+) -> tuple[Tensor, Tensor]:
+    """Projected queries [B, N, D] and keys [B, M, D] -> per-head RMSNorm (and RoPE, table [2, N, head_dim]) ->
+    heads [B, h, N, d] and [B, h, M, d]: the default q/k function."""
+    q = rms_norm(rearrange(q, "b n (h d) -> b h n d", h=num_heads), q_weight)
+    k = rms_norm(rearrange(k, "b n (h d) -> b h n d", h=num_heads), k_weight)
+    if rope is not None:
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+    return q, k
 
 
 @dataclass(frozen=True)
-class LocalTokens:
-    """The slice of the token sequence this process holds under context parallelism, and how to reach the rest.
+class TokenSlice:
+    """The contiguous run [start, stop) of the (v t h w) token sequence that one forward computes (default: all).
+    Whoever passes one to MultiviewDiT.forward also supplies the rest: an attention function that reaches the other
+    tokens' keys and values, and a forward hook on the final layer that returns the whole sequence's output."""
 
-    comm (mvdit.context_parallel.ContextParallel; collectives: every rank calls them at the same point):
-      all_gather(x, dim, sizes): this rank's sizes[rank] tokens along dim -> all sum(sizes) tokens, in rank order;
-      heads_to_tokens(x [S, B, H, n, d], sizes) -> [S, B, H/P, N, d] and tokens_to_heads(x [B, H/P, N, d], sizes)
-      -> [B, H, n, d]: the all-to-alls of sequence parallelism over heads (DeepSpeed-Ulysses).
-    ulysses: self-attention trades tokens for heads (4 all-to-alls of the local q, k, v and output per block);
-    otherwise every rank gathers all keys and values (one all-gather of 2 N D per block, more bytes).
-    """
+    start: int
+    stop: int
 
-    sizes: tuple[int, ...]
-    rank: int
-    comm: Any
-    ulysses: bool = False
+
+@dataclass(frozen=True)
+class ViewRuns:
+    """Which view's text each query token cross-attends to: (first, last + 1, view) runs of the tokens at hand (local
+    indices), and the number of views the text context is split into."""
+
+    n_views: int
+    runs: tuple[tuple[int, int, int], ...]
 
     @classmethod
-    def split(cls, n: int, rank: int, world: int, comm, ulysses: bool = False) -> LocalTokens:
-        sizes = tuple(b - a for a, b in (shard_bounds(n, r, world) for r in range(world)))
-        return cls(sizes, rank, comm, ulysses)
+    def of(cls, n_views: int, n_tokens: int, start: int = 0, stop: int | None = None) -> ViewRuns:
+        """The runs of tokens [start, stop) of a view-major sequence of n_tokens (default: all of them)."""
+        stop = n_tokens if stop is None else stop
+        per_view = n_tokens // n_views
+        runs = []
+        for v in range(start // per_view, (stop - 1) // per_view + 1):
+            a, b = max(start, v * per_view), min(stop, (v + 1) * per_view)
+            runs.append((a - start, b - start, v))
+        return cls(n_views, tuple(runs))
 
     @property
-    def start(self) -> int:
-        return sum(self.sizes[: self.rank])
-
-    @property
-    def stop(self) -> int:
-        return self.start + self.sizes[self.rank]
-
-    @property
-    def total(self) -> int:
-        return sum(self.sizes)
-
-    def gather(self, x: Tensor, dim: int) -> Tensor:
-        return self.comm.all_gather(x, dim, self.sizes)
-
-    def view_segments(self, n_views: int) -> list[tuple[int, int, int]]:
-        """(first, last + 1, view) runs of the local tokens (local indices) that belong to one view each."""
-        per_view = self.total // n_views
-        out = []
-        for v in range(self.start // per_view, (self.stop - 1) // per_view + 1):
-            a, b = max(self.start, v * per_view), min(self.stop, (v + 1) * per_view)
-            out.append((a - self.start, b - self.start, v))
-        return out
+    def whole(self) -> bool:
+        """Every view present, complete and in order: the runs are one batched attention."""
+        per = self.runs[0][1] - self.runs[0][0]
+        return len(self.runs) == self.n_views and all(r == (v * per, (v + 1) * per, v) for v, r in enumerate(self.runs))
 
 
 class Attention(nn.Module):
     """Multi-head attention with per-head q/k RMSNorm, no biases. Parameter names match upstream
     (`to_q.0` Linear, `to_q.1` norm weight, ...). Self-attention applies RoPE; cross-attention is per view.
+
+    Two pure functions are replaceable per instance from outside (fp8, context parallelism, benchmark variants):
+    attention_fn (q, k, v) [B, h, N, d] -> [B, h, N, d], default torch's SDPA; qk_fn, default qk_norm_rope.
     """
 
-    # the fused attention kernel, replaceable from outside (mvdit.fp8 sets FP8 attention): (q, k, v) [B, h, N, d]
-    # -> [B, h, N, d]; None means torch's scaled_dot_product_attention
-    attention_fn = None
+    attention_fn = staticmethod(sdpa)
+    qk_fn = staticmethod(qk_norm_rope)
 
     def __init__(self, dim: int, context_dim: int, num_heads: int):
         super().__init__()
@@ -162,65 +161,30 @@ class Attention(nn.Module):
         self.to_v = nn.Sequential(nn.Linear(context_dim, dim, bias=False))
         self.to_out = nn.Sequential(nn.Linear(dim, dim, bias=False))
 
-    def heads(self, x: Tensor) -> Tensor:
-        return rearrange(x, "b n (h d) -> b h n d", h=self.num_heads)
-
     def forward(
-        self,
-        x: Tensor,
-        context: Tensor | None = None,
-        rope: Tensor | None = None,
-        n_groups: int = 1,
-        tokens: LocalTokens | None = None,
+        self, x: Tensor, context: Tensor | None = None, rope: Tensor | None = None, views: ViewRuns | None = None
     ) -> Tensor:
-        """x [B, N, D]; context [B, M, Dc] (None: self-attention). With n_groups = V, tokens and context are split
-        into V contiguous groups (views) that attend only within their group. rope [2, N, head_dim] (cos, sin) or
-        None.
-
-        tokens: x is this process's slice of the sequence (context parallelism). Self-attention then gathers the
-        keys and values of all tokens; cross-attention runs per view on the views the slice touches.
-        """
+        """x [B, N, D]; context [B, M, Dc] (None: self-attention); rope [2, N, head_dim] (cos, sin) or None. With
+        views, the context holds views.n_views equal groups and each run of queries attends only to its view's."""
         ctx = x if context is None else context
-        k = self.to_k[1](self.heads(self.to_k[0](ctx)))
-        v = self.heads(self.to_v[0](ctx))
-        if rope is not None:
-            k = apply_rope(k, rope)
-        self_cp = tokens is not None and context is None
-        if self_cp and not tokens.ulysses:  # issued before q is computed, so the two can overlap
-            k, v = tokens.gather(torch.stack([k, v]), 3).unbind(0)
-        q = self.to_q[1](self.heads(self.to_q[0](x)))
-        if rope is not None:
-            q = apply_rope(q, rope)
-        if self_cp and tokens.ulysses:  # all tokens of H/P heads; back to this rank's tokens of all heads
-            q, k, v = tokens.comm.heads_to_tokens(torch.stack([q, k, v]), tokens.sizes).unbind(0)
-            out = tokens.comm.tokens_to_heads(self.sdpa(q, k, v), tokens.sizes)
-            return self.to_out[0](rearrange(out, "b h n d -> b n (h d)"))
-        if tokens is not None and context is not None and n_groups > 1:
-            per_group = ctx.shape[1] // n_groups
-            pieces = [
-                F.scaled_dot_product_attention(
-                    q[:, :, a:b],
-                    k[:, :, g * per_group : (g + 1) * per_group],
-                    v[:, :, g * per_group : (g + 1) * per_group],
-                )
-                for a, b, g in tokens.view_segments(n_groups)
-            ]
-            out = torch.cat(pieces, dim=2)
-            return self.to_out[0](rearrange(out, "b h n d -> b n (h d)"))
-        return self.attend(q, k, v, n_groups)
-
-    def sdpa(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """softmax(q k^T / sqrt(d)) v over [B, h, N, d] heads, by the kernel set in attention_fn (default torch's)."""
-        fn = self.attention_fn
-        return F.scaled_dot_product_attention(q, k, v) if fn is None else fn(q, k, v)
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, n_groups: int = 1) -> Tensor:
-        """Heads [B, h, N, d] (and [B, h, M, d]) attending within n_groups contiguous groups, projected: [B, N, D]."""
-        if n_groups > 1:
-            q, k, v = (rearrange(t, "b h (g n) d -> (b g) h n d", g=n_groups) for t in (q, k, v))
-        out = self.sdpa(q, k, v)
-        if n_groups > 1:
-            out = rearrange(out, "(b g) h n d -> b h (g n) d", g=n_groups)
+        v = rearrange(self.to_v[0](ctx), "b n (h d) -> b h n d", h=self.num_heads)
+        wq, wk = self.to_q[1].weight, self.to_k[1].weight
+        q, k = self.qk_fn(self.to_q[0](x), self.to_k[0](ctx), wq, wk, rope, self.num_heads)
+        if views is None or views.n_views == 1:
+            out = self.attention_fn(q, k, v)
+        elif views.whole:
+            g = views.n_views
+            q, k, v = (rearrange(t, "b h (g n) d -> (b g) h n d", g=g) for t in (q, k, v))
+            out = rearrange(self.attention_fn(q, k, v), "(b g) h n d -> b h (g n) d", g=g)
+        else:  # a slice of the sequence: each run of queries against its view's keys and values
+            per = ctx.shape[1] // views.n_views
+            out = torch.cat(
+                [
+                    self.attention_fn(q[:, :, a:b], k[:, :, g * per : (g + 1) * per], v[:, :, g * per : (g + 1) * per])
+                    for a, b, g in views.runs
+                ],
+                dim=2,
+            )
         return self.to_out[0](rearrange(out, "b h n d -> b n (h d)"))
 
 
@@ -261,15 +225,14 @@ class SubBlock(nn.Module):
         lora: Tensor,
         context: Tensor,
         rope: Tensor,
-        n_views: int,
-        tokens: LocalTokens | None = None,
+        views: ViewRuns,
     ) -> Tensor:
         shift, scale, gate = (self.adaLN_modulation(emb) + lora).unsqueeze(1).chunk(3, dim=-1)
         h = layer_norm(x) * (1 + scale) + shift
         if self.kind == "self_attn":
-            h = self.block.attn(h, rope=rope, tokens=tokens)
+            h = self.block.attn(h, rope=rope)
         elif self.kind == "cross_attn":
-            h = self.block.attn(h, context, n_groups=n_views, tokens=tokens)
+            h = self.block.attn(h, context, views=views)
         else:
             h = self.block(h)
         return x + gate * h
@@ -282,10 +245,10 @@ class Block(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList([SubBlock(k, cfg) for k in ("self_attn", "cross_attn", "mlp")])
 
-    def forward(self, x, emb, lora, context, rope, pos_emb, n_views: int, tokens: LocalTokens | None = None) -> Tensor:
+    def forward(self, x, emb, lora, context, rope, pos_emb, views: ViewRuns) -> Tensor:
         x = x + pos_emb  # upstream re-adds the fixed sin-cos table at the start of every block
         for sub in self.blocks:
-            x = sub(x, emb, lora, context, rope, n_views, tokens)
+            x = sub(x, emb, lora, context, rope, views)
         return x
 
 
@@ -337,7 +300,6 @@ class MultiviewDiT(nn.Module):
         self.view_embeddings = nn.Embedding(cfg.n_views, cfg.view_condition_dim)
         if cfg.add_repeat_frame_embedding:
             self.repeat_frame_embedding = nn.Linear(1, cfg.view_condition_dim)
-        self.context_parallel = None  # set from outside (mvdit.context_parallel.enable); not part of the state dict
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
@@ -357,6 +319,11 @@ class MultiviewDiT(nn.Module):
             elif isinstance(m, RMSNorm):
                 m.weight.fill_(1.0)
         self.pos_embedder.reset_buffers()
+
+    def num_tokens(self, shape: tuple[int, ...]) -> int:
+        """N, the length of the token sequence for an input x of shape [B, C, V*T, H, W]."""
+        p, pt = self.cfg.patch_spatial, self.cfg.patch_temporal
+        return (shape[2] // pt) * (shape[3] // p) * (shape[4] // p)
 
     def view_planes(self, b: int, view_indices: Tensor, frame_repeat: Tensor | None, dtype) -> Tensor:
         """[B, V, Dv]: the view embedding rows of the views present, plus the repeat-frame embedding of frame_repeat."""
@@ -378,6 +345,7 @@ class MultiviewDiT(nn.Module):
         frame_repeat: Tensor | None = None,
         n_views: int | None = None,
         view_indices: Tensor | None = None,
+        token_slice: TokenSlice | None = None,
     ) -> Tensor:
         """x [B, C, V*T, H, W] (c_in-scaled); timesteps [B] = 0.25 ln sigma; crossattn_emb [B, V*L, Dc];
         condition_video_input_mask [B, 1, V*T, H, W]; fps [B]; padding_mask [B, 1, H', W'] at any resolution;
@@ -385,6 +353,7 @@ class MultiviewDiT(nn.Module):
 
         n_views defaults to the configured count. view_indices [V] names the view-embedding row of each view present
         (a rig with fewer cameras keeps each camera's own row, e.g. [0, 1, 2, 4, 5]); default 0..V-1.
+        token_slice: run the blocks on these tokens only (see TokenSlice); default all of them.
         """
         b, _, vt, h, w = x.shape
         n_views = n_views or self.cfg.n_views
@@ -421,28 +390,19 @@ class MultiviewDiT(nn.Module):
         rope = rope_table(self.pos_embedder(n_views, tp // n_views, hp, wp, fps))  # once, not in every block
         pos_emb = self.extra_pos_embedder(n_views, tp // n_views, hp, wp, dtype, dev)
         context = crossattn_emb.to(dtype)
-        tokens = None
-        cp = self.context_parallel
-        if cp is not None and cp.world > 1:  # keep this process's slice of the (v t h w) sequence
-            # auto: Ulysses from 4 processes on (at 2 both move the same bytes and the all-gather computes 1 % faster)
-            auto = cp.world >= 4 and self.cfg.num_heads % cp.world == 0
-            ulysses = {"auto": auto, "ulysses": True, "allgather": False}[cp.mode]
-            if ulysses and self.cfg.num_heads % cp.world:
-                raise ValueError(
-                    f"ulysses context parallelism needs {cp.world} processes to divide "
-                    f"{self.cfg.num_heads} heads; use allgather"
-                )
-            tokens = LocalTokens.split(x.shape[1], cp.rank, cp.world, cp, ulysses)
-            x, rope, pos_emb = (
-                x[:, tokens.start : tokens.stop],
-                rope[:, tokens.start : tokens.stop],
-                pos_emb[tokens.start : tokens.stop],
-            )
+        n = x.shape[1]
+        runs = ViewRuns.of(n_views, n)
+        if token_slice is not None:  # compute only these tokens (context parallelism: this process's share)
+            lo, hi = token_slice.start, token_slice.stop
+            x, rope, pos_emb = x[:, lo:hi], rope[:, lo:hi], pos_emb[lo:hi]
+            runs = ViewRuns.of(n_views, n, lo, hi)
         for blk in self.blocks.values():
-            x = blk(x, emb, lora, context, rope, pos_emb, n_views, tokens)
+            x = blk(x, emb, lora, context, rope, pos_emb, runs)
         x = self.final_layer(x, emb, lora)
-        if tokens is not None:
-            x = tokens.gather(x, 1)  # every process ends with the whole output
+        if x.shape[1] != n:
+            raise ValueError(
+                f"the final layer returned {x.shape[1]} of {n} tokens: a token_slice needs a hook that gathers"
+            )
         p, pt = self.cfg.patch_spatial, self.cfg.patch_temporal
         return rearrange(x, "b (t h w) (p1 p2 r c) -> b c (t r) (h p1) (w p2)", t=tp, h=hp, w=wp, p1=p, p2=p, r=pt)
 

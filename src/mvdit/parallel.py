@@ -25,7 +25,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from mvdit.checkpoint import unwrap_state_dict
-from mvdit.network import Block, DiffusionModel
+from mvdit.network import DiffusionModel
 
 
 @dataclass
@@ -95,18 +95,28 @@ def selective_checkpoint_context():
 _COMPILED: dict[str, object] = {}
 
 
-def block_forward(compiled: bool):
-    """Block.forward, or one torch.compile'd graph of it shared by every block (regional compilation)."""
-    if not compiled:
-        return Block.forward
-    if "block" not in _COMPILED:
-        _COMPILED["block"] = torch.compile(Block.forward, dynamic=False)
-    return _COMPILED["block"]
+def _selective_forward(block: nn.Module, *args, compiled: bool = False):
+    """Block.forward (or its one compiled graph) under the selective policy, checkpointed as a function inside
+    __call__: FSDP2's hooks stay outside the recomputed region (the composable checkpoint's recompute reruns them
+    under the policy's dispatch mode and fails: 'profiler._record_function_enter_new ... not found in storage')."""
+    fn = type(block).forward
+    if compiled:
+        fn = _COMPILED.setdefault("block", torch.compile(fn, dynamic=False))
+    return torch_checkpoint(fn, block, *args, use_reentrant=False, context_fn=selective_checkpoint_context())
 
 
-def _selective_forward(block: Block, *args, compiled: bool = False):
-    ctx = selective_checkpoint_context()
-    return torch_checkpoint(block_forward(compiled), block, *args, use_reentrant=False, context_fn=ctx)
+def checkpoint_activations(block: nn.Module, mode: str, compiled: bool = False) -> None:
+    """Recompute `block`'s activations in backward, applied from outside before fully_shard. "full": torch's
+    composable checkpoint (module hooks; parameter names unchanged); "selective": keep the self-attention outputs,
+    recompute the rest (the one forward replacement left, see _selective_forward); "none"."""
+    from torch.distributed._composable import checkpoint
+
+    if mode == "full":
+        checkpoint(block)
+    elif mode == "selective":
+        block.forward = types.MethodType(functools.partial(_selective_forward, compiled=compiled), block)
+    elif mode != "none":
+        raise ValueError(f"activation_checkpointing must be none, full or selective, got {mode!r}")
 
 
 def parallelize(
@@ -120,25 +130,16 @@ def parallelize(
     param_dtype (e.g. bf16) is the compute dtype, gradients are reduced in fp32.
 
     activation_checkpointing: "none"/False, "full"/True (recompute each block in backward), or "selective" (keep the
-    self-attention outputs, recompute the rest). compile_blocks: torch.compile each block's forward (selective +
+    self-attention outputs, recompute the rest). compile_blocks: torch.compile each block (selective +
     compiled reached 47 % MFU per 7B block on an H100, BENCHMARKS.md).
     """
     mode = {False: "none", True: "full"}.get(activation_checkpointing, activation_checkpointing)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
     kw = {"mesh": mesh} | ({"mp_policy": mp} if mp else {})
     for block in model.net.blocks.values():
-        if mode == "full":
-            from torch.distributed._composable import checkpoint
-
-            checkpoint(block)  # recompute the block in backward; parameter names stay unchanged
-        elif mode == "selective":
-            # composable checkpoint(context_fn=...) conflicts with fully_shard, so wrap the forward function: FSDP2's
-            # hooks around __call__ stay outside the recomputed region
-            block.forward = types.MethodType(functools.partial(_selective_forward, compiled=compile_blocks), block)
-        elif mode != "none":
-            raise ValueError(f"activation_checkpointing must be none, full or selective, got {mode!r}")
         if compile_blocks and mode != "selective":
-            block.forward = types.MethodType(block_forward(True), block)
+            block.compile(dynamic=False)  # one graph shared by every block (regional compilation)
+        checkpoint_activations(block, mode, compiled=compile_blocks)
         fully_shard(block, **kw)
     fully_shard(model, **kw)
     return model
