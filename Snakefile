@@ -124,7 +124,7 @@ rule download:
         py=PY,
         src=SRC,
         source=E.checkpoint_source,
-        ckpt=E.checkpoint_dir,
+        ckpt=lambda w, output: Path(output[0]).parents[len(Path(w.repo).parts)],  # <checkpoint_dir>
         repo=lambda w: REPO_DIRS[w.repo],
     shell:
         "{params.py} {params.src}/download.py --checkpoint-dir {params.ckpt} --source {params.source}"
