@@ -21,7 +21,8 @@ REDUCED = {
 
 
 @pytest.mark.slow
-def test_reduced_demo_single_sample_beats_untrained_and_copy_last_frame(tmp_path):
+def test_reduced_demo_single_sample_beats_the_untrained_model_below_the_tokenizer_ceiling(tmp_path):
+    """What holds at this size; one sample does not yet beat copy-last-frame (issue #20), so that is not asserted."""
     cfg = merged(yaml.safe_load((ROOT / "experiments/tiny_demo.yaml").read_text()), REDUCED)
     exp = tmp_path / "ci_quality.yaml"
     exp.write_text(yaml.safe_dump(cfg))

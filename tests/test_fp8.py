@@ -1,6 +1,8 @@
 """infer.precision: fp8 — backend selection and its one-line errors, the FP8 quantization, the conversion of a tiny
 model (emulated FP8 on the CPU), the attention seam and the per-forward RoPE table. GPU tests run the real kernels."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,8 @@ from mvdit.config import get_preset
 from mvdit.experiment import ExperimentError
 from mvdit.network import Attention, sdpa
 from mvdit.posemb import RopePosition3D, apply_rope, rope_table
+
+from .conftest import ROOT
 
 
 def rel(a, b):
@@ -94,6 +98,15 @@ def test_a_backend_that_missed_or_has_not_met_a_quality_gate_is_not_offered(fake
         "gates (BENCHMARKS.md); set infer.precision: bf16"
     )
     assert fp8.plan_for("cuda", require_gates=False).gemm == "scaled_mm"
+    fp8.GATED["gemm:scaled_mm"] = False
+    with pytest.raises(ExperimentError, match="its FP8 GEMMs missed the quality gates"):
+        fp8.check("fp8", "cuda", source="x.yaml")
+
+
+def test_the_measured_gates_are_what_is_offered():
+    """benchmarks/results/infer_fp8_gemm_h100.json: row-wise FP8 GEMMs missed the per-forward error gate on an H100."""
+    res = json.loads((ROOT / "benchmarks/results/infer_fp8_gemm_h100.json").read_text())
+    assert res["error_gate"]["fp8-gemm"]["pass"] is False and fp8.GATED["gemm:scaled_mm"] is False
 
 
 def test_transformer_engine_is_reported_but_not_used(fake_hopper):
