@@ -421,3 +421,29 @@ def save_json(path: str | None, obj: dict) -> None:
     tmp = p.with_suffix(p.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str))
     os.replace(tmp, p)
+
+
+def random_condition(cfg, shape, views: int, text_len: int, dev, dtype):
+    """Seeded random inputs of one sample: (cond, gt latent, text, cameras, generator). The caller draws the noisy
+    latent from the returned generator next, so every benchmark sees the same numbers for the same seed."""
+    from mvdit.constants import CAMERAS
+    from mvdit.edm import Condition, condition_indicator
+
+    g = torch.Generator(device=dev).manual_seed(0)
+    t_lat = shape[2] // views
+    gt = (0.5 * torch.randn(shape, device=dev, generator=g)).to(dtype)
+    text = torch.randn(1, views * text_len, cfg.crossattn_emb_channels, device=dev, generator=g).to(dtype)
+    cameras = list(CAMERAS[:views])
+    cond = Condition(
+        gt_latent=gt,
+        indicator=condition_indicator(views, t_lat, min(2, t_lat), dtype=dtype, device=dev),
+        crossattn_emb=text,
+        n_views=views,
+        fps=torch.tensor([24.0], device=dev, dtype=dtype),
+        padding_mask=torch.zeros(1, 1, *shape[-2:], device=dev, dtype=dtype),
+        frame_repeat=torch.tensor(
+            [[1.0 if c in ("back_left", "back_right") else 0.0 for c in cameras]], device=dev, dtype=dtype
+        ),
+        augment_noise=torch.randn(shape, device=dev, generator=g).to(dtype),
+    )
+    return cond, gt, text, cameras, g

@@ -31,8 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
 
 from mvdit.config import get_preset  # noqa: E402
-from mvdit.constants import CAMERAS  # noqa: E402
-from mvdit.edm import Condition, condition_indicator, run_net  # noqa: E402
+from mvdit.edm import run_net  # noqa: E402
 from mvdit.network import MultiviewDiT  # noqa: E402
 
 PERF_MD = {
@@ -172,24 +171,7 @@ def main(argv=None):
         flush=True,
     )
 
-    g = torch.Generator(device=dev).manual_seed(0)
-    v = a.views
-    t_lat = shape[2] // v
-    gt = (0.5 * torch.randn(shape, device=dev, generator=g)).to(dtype)
-    text = torch.randn(1, v * a.text_len, cfg.crossattn_emb_channels, device=dev, generator=g).to(dtype)
-    cameras = list(CAMERAS[:v])
-    cond = Condition(
-        gt_latent=gt,
-        indicator=condition_indicator(v, t_lat, min(2, t_lat), dtype=dtype, device=dev),
-        crossattn_emb=text,
-        n_views=v,
-        fps=torch.tensor([24.0], device=dev, dtype=dtype),
-        padding_mask=torch.zeros(1, 1, *shape[-2:], device=dev, dtype=dtype),
-        frame_repeat=torch.tensor(
-            [[1.0 if c in ("back_left", "back_right") else 0.0 for c in cameras]], device=dev, dtype=dtype
-        ),
-        augment_noise=torch.randn(shape, device=dev, generator=g).to(dtype),
-    )
+    cond, gt, text, cameras, g = C.random_condition(cfg, shape, a.views, a.text_len, dev, dtype)
     cond2 = cond.both_branches()
     x = (40.0 * torch.randn(shape, device=dev, generator=g)).to(dtype)
     sigma = torch.tensor(40.0, device=dev)

@@ -37,8 +37,7 @@ import common as C  # noqa: E402
 
 from mvdit import fp8, network  # noqa: E402
 from mvdit.config import get_preset  # noqa: E402
-from mvdit.constants import CAMERAS  # noqa: E402
-from mvdit.edm import Condition, condition_indicator, run_net  # noqa: E402
+from mvdit.edm import Condition, run_net  # noqa: E402
 from mvdit.network import Attention, MultiviewDiT  # noqa: E402
 
 BF16_SAMPLE_S_SECTION8 = 438.99  # BENCHMARKS.md §8: a whole bf16 35-step sample, compiled, one H100, 2026-12-06
@@ -125,24 +124,7 @@ def cast_cond(cond: Condition, dtype) -> Condition:
 
 
 def make_inputs(cfg, shape, views, text_len, dev, dtype, sigma):
-    g = torch.Generator(device=dev).manual_seed(0)
-    v = views
-    t_lat = shape[2] // v
-    gt = (0.5 * torch.randn(shape, device=dev, generator=g)).to(dtype)
-    text = torch.randn(1, v * text_len, cfg.crossattn_emb_channels, device=dev, generator=g).to(dtype)
-    cameras = list(CAMERAS[:v])
-    cond = Condition(
-        gt_latent=gt,
-        indicator=condition_indicator(v, t_lat, min(2, t_lat), dtype=dtype, device=dev),
-        crossattn_emb=text,
-        n_views=v,
-        fps=torch.tensor([24.0], device=dev, dtype=dtype),
-        padding_mask=torch.zeros(1, 1, *shape[-2:], device=dev, dtype=dtype),
-        frame_repeat=torch.tensor(
-            [[1.0 if c in ("back_left", "back_right") else 0.0 for c in cameras]], device=dev, dtype=dtype
-        ),
-        augment_noise=torch.randn(shape, device=dev, generator=g).to(dtype),
-    )
+    cond, gt, text, cameras, g = C.random_condition(cfg, shape, views, text_len, dev, dtype)
     x = (gt.float() + sigma * torch.randn(shape, device=dev, generator=g)).to(dtype)
     return x, cond, gt, text, cameras
 
