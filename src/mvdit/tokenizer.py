@@ -113,7 +113,17 @@ def _pca(p: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 @functools.lru_cache(maxsize=2)
 def fit_tiny_tokenizer(seed: int = 0) -> dict[str, torch.Tensor]:
     """Fit the tiny tokenizer to clips of the synthetic renderer (scenes unrelated to any data set's): float64 PCA
-    bases, least-squares decoders and latent statistics. Deterministic; a few seconds on 2 cores."""
+    bases, least-squares decoders and latent statistics. Deterministic on any machine: the sums run on one thread
+    (with several, their order, and so the last bits, follow the thread count); a few seconds on 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _fit_tiny_tokenizer(seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit_tiny_tokenizer(seed: int) -> dict[str, torch.Tensor]:
     from mvdit.synthetic import clip_seed, render_clip  # local: the renderer is only needed to build
 
     f = _TINY_FIT
