@@ -21,6 +21,15 @@ def _cpu_defaults():
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny-model ops are far slower with several intra-op threads (10x on a shared 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def data_dir() -> Path:
     return DATA
 

@@ -12,14 +12,7 @@ from mvdit.config import get_preset
 from mvdit.lora import LoraError, LoraSettings, add_lora, is_lora_key
 from mvdit.training.ema import AdapterEma, ema_beta, ema_gamma, ema_update_, update_ema
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny-model ops are far slower with several intra-op threads on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_gamma_of_rate_0_1_is_upstreams():

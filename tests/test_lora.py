@@ -45,17 +45,10 @@ from mvdit.video_io import read_video
 
 from .conftest import ROOT, tiny_inference_setup
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CFG = get_preset("tiny")
 S = LoraSettings(rank=4, alpha=8.0)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny-model ops are far slower with several intra-op threads (10x on a shared 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def lora_model(seed=0, s=S) -> DiffusionModel:

@@ -20,3 +20,9 @@ T5_MAX_LENGTH: int = 512
 DIT_REPO = "nvidia/Cosmos-Predict1-7B-Video2World-Sample-AV-Multiview"
 TOKENIZER_REPO = "nvidia/Cosmos-Tokenize1-CV8x8x8-720p"
 T5_REPO = "google-t5/t5-11b"
+# Their folders under the checkpoint dir, as upstream lays them out (google-t5/t5-11b keeps its org folder).
+REPO_SUBDIRS: dict[str, str] = {
+    DIT_REPO: "Cosmos-Predict1-7B-Video2World-Sample-AV-Multiview",
+    TOKENIZER_REPO: "Cosmos-Tokenize1-CV8x8x8-720p",
+    T5_REPO: "google-t5/t5-11b",
+}

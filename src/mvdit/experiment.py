@@ -13,7 +13,15 @@ import jsonschema
 import yaml
 
 from mvdit.config import NetConfig, get_preset
-from mvdit.constants import CAMERAS, DIT_REPO, SPATIAL_COMPRESSION, T5_REPO, TEMPORAL_COMPRESSION, TOKENIZER_REPO
+from mvdit.constants import (
+    CAMERAS,
+    DIT_REPO,
+    REPO_SUBDIRS,
+    SPATIAL_COMPRESSION,
+    T5_REPO,
+    TEMPORAL_COMPRESSION,
+    TOKENIZER_REPO,
+)
 
 SCHEMA_PATH = Path(__file__).with_name("experiment.schema.yaml")
 
@@ -332,8 +340,7 @@ class Experiment:
 
     # --- where things are: checkpoints/<repo name>/ as upstream lays them out, results/<name>/ for everything else
     def repo_dir(self, repo: str) -> Path:
-        name = repo if repo == T5_REPO else repo.split("/", 1)[1]  # google-t5/t5-11b keeps its org folder
-        return Path(self.checkpoint_dir) / name
+        return Path(self.checkpoint_dir) / REPO_SUBDIRS[repo]
 
     @property
     def dit_dir(self) -> Path:

@@ -32,7 +32,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import are_progress_bars_disabled
 from tqdm.auto import tqdm
 
-from mvdit.constants import DIT_REPO, T5_REPO, TOKENIZER_REPO
+from mvdit.constants import DIT_REPO, REPO_SUBDIRS, T5_REPO, TOKENIZER_REPO
 
 log = logging.getLogger(__name__)
 
@@ -78,21 +78,21 @@ class RepoSpec:
 REPOS: dict[str, RepoSpec] = {
     DIT_REPO: RepoSpec(
         DIT_REPO,
-        "Cosmos-Predict1-7B-Video2World-Sample-AV-Multiview",
+        REPO_SUBDIRS[DIT_REPO],
         required=("model.pt",),
         optional=("config.json", "README.md", "mean_std.pt", "*.jit"),
         md5={"model.pt": "1653f87dce3d558ee01416593552a91c"},
     ),
     TOKENIZER_REPO: RepoSpec(
         TOKENIZER_REPO,
-        "Cosmos-Tokenize1-CV8x8x8-720p",
+        REPO_SUBDIRS[TOKENIZER_REPO],
         required=("encoder.jit", "decoder.jit", "mean_std.pt"),
         optional=("config.json",),
         md5={"mean_std.pt": "f07680ad7eefae57d698778e2a0c7c96"},
     ),
     T5_REPO: RepoSpec(
         T5_REPO,
-        "google-t5/t5-11b",
+        REPO_SUBDIRS[T5_REPO],
         required=("config.json", "spiece.model"),
         optional=("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"),
         # pytorch_model.bin first: it is what upstream's MD5 table pins, and taking both formats would add ~45 GB.

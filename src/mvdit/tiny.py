@@ -8,13 +8,13 @@ from pathlib import Path
 
 from mvdit.checkpoint import build_model, save_state_dict, write_json
 from mvdit.config import get_preset
-from mvdit.constants import DIT_REPO, T5_REPO, TOKENIZER_REPO
+from mvdit.constants import DIT_REPO, REPO_SUBDIRS, T5_REPO, TOKENIZER_REPO
 from mvdit.text_encoder import build_tiny_t5
 from mvdit.tokenizer import build_tiny_tokenizer
 
 
 def local_dir(checkpoint_dir: Path, repo: str) -> Path:
-    return Path(checkpoint_dir) / (repo if repo == T5_REPO else repo.split("/", 1)[1])
+    return Path(checkpoint_dir) / REPO_SUBDIRS[repo]
 
 
 def build_tiny_dit(out_dir: Path, seed: int = 0, preset: str = "tiny") -> None:
