@@ -21,6 +21,7 @@ import torch
 
 from mvdit import context_parallel, fp8, sdpa
 from mvdit.checkpoint import CheckpointError, load_model, write_json
+from mvdit.console import say
 from mvdit.constants import SPATIAL_COMPRESSION
 from mvdit.data import DatasetError
 from mvdit.experiment import ExperimentError, load_experiment
@@ -47,13 +48,12 @@ def main(argv=None) -> int:
     try:
         metrics = evaluate(args)
     except (ExperimentError, CheckpointError, DatasetError, TokenizerLoadError, ValueError) as e:
-        print(f"evaluate.py{context_parallel.rank_tag()}: {e}", file=sys.stderr)
+        say(f"evaluate.py{context_parallel.rank_tag()}: {e}")
         return 1
     except torch.OutOfMemoryError as e:
-        print(
+        say(
             f"evaluate.py{context_parallel.rank_tag()}: out of GPU memory ({str(e).splitlines()[0]}); "
-            "set infer.offload_tokenizer, use bf16, fewer data.cameras or fewer infer.eval_samples",
-            file=sys.stderr,
+            "set infer.offload_tokenizer, use bf16, fewer data.cameras or fewer infer.eval_samples"
         )
         return 1
     finally:
@@ -65,11 +65,10 @@ def main(argv=None) -> int:
         write_sheet(args.sheet, sheets, metrics)
     write_json(args.out, metrics)
     p = metrics["psnr_db"]
-    print(
+    say(
         f"PSNR of predicted frames, one sample: post-trained {p['post_trained_single_sample']:.2f} dB, untrained "
         f"{p['untrained_single_sample']:.2f} dB, copy-last-frame {p['copy_last_frame']:.2f} dB, tokenizer ceiling "
-        f"{p['tokenizer_ceiling']:.2f} dB; mean of {metrics['samples']}: post-trained {p['post_trained']:.2f} dB",
-        file=sys.stderr,
+        f"{p['tokenizer_ceiling']:.2f} dB; mean of {metrics['samples']}: post-trained {p['post_trained']:.2f} dB"
     )
     return 0
 
@@ -123,10 +122,7 @@ def evaluate(args: argparse.Namespace) -> dict | None:
         inf.sdpa_backend, net_cfg.num_heads, net_cfg.head_dim, dtype, dev, args.experiment, d.text_len
     )
     if procs.main:
-        print(
-            f"evaluate: attention: SDPA {attn_kernel} kernel (infer.sdpa_backend: {inf.sdpa_backend})",
-            file=sys.stderr,
-        )
+        say(f"evaluate: attention: SDPA {attn_kernel} kernel (infer.sdpa_backend: {inf.sdpa_backend})")
     guidance = inf.guidance if args.guidance is None else args.guidance
     dataset = dataset_from_manifest(args.data_manifest, split="held_out")
     n_clips = min(len(dataset), inf.eval_clips)

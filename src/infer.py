@@ -27,6 +27,7 @@ import torch
 
 from mvdit import context_parallel, fp8, sdpa
 from mvdit.checkpoint import CheckpointError, atomic_write, load_model, write_json
+from mvdit.console import say
 from mvdit.constants import SPATIAL_COMPRESSION
 from mvdit.experiment import ExperimentError, load_experiment
 from mvdit.hub import file_digests
@@ -90,22 +91,18 @@ def main(argv=None) -> int:
         TextEncoderLoadError,
         VideoReadError,
     ) as e:
-        print(f"infer.py{context_parallel.rank_tag()}: {e}", file=sys.stderr)
+        say(f"infer.py{context_parallel.rank_tag()}: {e}")
         return 1
     except torch.OutOfMemoryError as e:
-        print(
+        say(
             f"infer.py{context_parallel.rank_tag()}: out of GPU memory ({str(e).splitlines()[0]}); "
-            "set infer.offload_text_encoder and infer.offload_tokenizer, use bf16, or fewer data.cameras",
-            file=sys.stderr,
+            "set infer.offload_text_encoder and infer.offload_tokenizer, use bf16, or fewer data.cameras"
         )
         return 1
     except RuntimeError as e:
         if not context_parallel.peer_failed(e):
             raise
-        print(
-            f"infer.py{context_parallel.rank_tag()}: stopped: another process failed (its error is above)",
-            file=sys.stderr,
-        )
+        say(f"infer.py{context_parallel.rank_tag()}: stopped: another process failed (its error is above)")
         return 1
     finally:
         context_parallel.finish()

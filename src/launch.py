@@ -35,6 +35,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from mvdit.console import say
 from mvdit.lifetime import die_with_parent
 
 EXIT_STOPPED = 3  # train.py: stopped by a signal after saving a checkpoint
@@ -48,7 +49,7 @@ class LaunchError(RuntimeError):
 
 
 def log(msg: str) -> None:
-    print(f"launch.py: {msg}", file=sys.stderr, flush=True)
+    say(f"launch.py: {msg}")
 
 
 def free_port() -> int:

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from mvdit.checkpoint import CheckpointError, atomic_write, write_json
+from mvdit.console import say
 from mvdit.experiment import ExperimentError, load_experiment
 from mvdit.lifetime import die_with_parent, under_torchrun
 from mvdit.lora import LoraSettings, add_lora, lora_init_state_dict, lora_parameters
@@ -283,7 +284,7 @@ def train(args: argparse.Namespace) -> int:
                 f"{ckpt_dir / ckpt_name(last) if last else 'none'}; lower train.lr or check the data"
             )
             if d.main:
-                print(f"train.py: {msg}", file=sys.stderr)
+                say(f"train.py: {msg}")
             return EXIT_NONFINITE
         # save: every save_iter, at the end, and when any rank got a stop signal (then exit 3)
         flag = torch.tensor([0 if stop["signal"] is None else 1], device=d.device)
@@ -296,10 +297,9 @@ def train(args: argparse.Namespace) -> int:
                 prune_checkpoints(ckpt_dir, t.keep_checkpoints)
         if flag.item() and it < iterations:
             if d.main:
-                print(
+                say(
                     f"train.py: stopped by a signal at iteration {it} after saving {ckpt_dir / ckpt_name(it)}; "
-                    "rerun the same command to resume",
-                    file=sys.stderr,
+                    "rerun the same command to resume"
                 )
             return EXIT_STOPPED
     bar.close()
@@ -320,13 +320,12 @@ def main(argv=None) -> int:
     try:
         code = train(args)
     except (ExperimentError, CheckpointError, TrainError) as e:
-        print(f"train.py: {e}", file=sys.stderr)
+        say(f"train.py: {e}")
         code = 1
     except torch.OutOfMemoryError as e:
-        print(
+        say(
             f"train.py: out of GPU memory ({str(e).splitlines()[0]}); set train.activation_checkpointing: full, "
-            "use more GPUs (FSDP shards the states), fewer data.cameras or a smaller data.height/width",
-            file=sys.stderr,
+            "use more GPUs (FSDP shards the states), fewer data.cameras or a smaller data.height/width"
         )
         code = 1
     finally:
