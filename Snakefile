@@ -13,10 +13,10 @@ BASE = Path(workflow.basedir)  # scripts, prompts and assets live here; results/
 SRC = BASE / "src"
 sys.path.insert(0, str(SRC))
 from mvdit.constants import DIT_REPO, T5_REPO, TOKENIZER_REPO
-from mvdit.experiment import RELEASE, SCHEMA_PATH, SCRATCH, Experiment, ExperimentError, check_files
-from mvdit.experiment import validate as validate_experiment
-from mvdit.prompts import PromptSetError, load_prompt_sets, resolve_prompt_sets
-from mvdit.stale_locks import clear_stale_locks_if_main
+from mvdit.workflow.experiment import RELEASE, SCHEMA_PATH, SCRATCH, Experiment, ExperimentError, check_files
+from mvdit.workflow.experiment import validate as validate_experiment
+from mvdit.data.prompts import PromptSetError, load_prompt_sets, resolve_prompt_sets
+from mvdit.workflow.stale_locks import clear_stale_locks_if_main
 
 min_version("9.0")
 

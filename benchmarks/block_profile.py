@@ -1,6 +1,6 @@
 """Where one compiled 7B DiT Block's forward time goes, and whether cheap inductor settings speed it up.
 
-Builds ONE `mvdit.network.Block` of the preset (random weights) and the inputs a Block receives inside
+Builds ONE `mvdit.model.network.Block` of the preset (random weights) and the inputs a Block receives inside
 `MultiviewDiT.forward` at the full sample (x [B, N, D], emb [B, D], AdaLN-LoRA [B, 3D], context [B, V*L, Dc], RoPE
 angles [N, head_dim] fp32, sin-cos table [N, D], ViewRuns); the inputs come from the network's own preamble, run on a
 1-block copy of the preset and stopped at the block. Then, in one process:
@@ -10,7 +10,7 @@ angles [N, head_dim] fp32, sin-cos table [N, D], ViewRuns); the inputs come from
               per-view cross-attention SDPA, timed alone
   variants    the block forward (CUDA events, warm-up, median):
                 eager            the module as it is
-                compile          blk.compile(dynamic=False), exactly mvdit.pipeline.compile_blocks
+                compile          blk.compile(dynamic=False), exactly mvdit.runtime.compile.compile_blocks
                 compile-cdt      the same with inductor's coordinate_descent_tuning
                 compile-max      mode="max-autotune-no-cudagraphs" (max_autotune + coordinate descent tuning)
                 compile-max-tma  max-autotune with Triton's persistent TMA matmul templates
@@ -46,10 +46,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
 
-from mvdit.config import get_preset  # noqa: E402
-from mvdit.network import MultiviewDiT  # noqa: E402
+from mvdit.model.config import get_preset  # noqa: E402
+from mvdit.model.network import MultiviewDiT  # noqa: E402
 
-# torch.compile arguments of each variant (None: eager); "compile" goes through mvdit.pipeline.compile_blocks itself
+# torch.compile arguments of each variant (None: eager); "compile" goes through compile_blocks itself
 VARIANTS: dict[str, dict | None] = {
     "eager": None,
     "compile": {},
@@ -177,7 +177,7 @@ def install(blk, name: str) -> None:
         return
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     if base == "compile":
-        from mvdit.pipeline import compile_blocks
+        from mvdit.runtime.compile import compile_blocks
 
         compile_blocks(types.SimpleNamespace(blocks={"block0": blk}))  # exactly what inference does
     else:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import sdpa_kernel
 
-from mvdit import sdpa
+from mvdit.runtime import sdpa
 
 H100_PEAK = 989e12  # dense bf16 peak of an H100 SXM, FLOP/s (perf.md)
 DATE = datetime.date.today().isoformat()  # the run's own date (UTC machine clock)
@@ -65,8 +65,8 @@ def dit_flops(cfg, views: int, frames: int, height: int, width: int, text_len: i
 def init_random_(module: nn.Module, std: float = 0.02) -> None:
     """Cheap random init on the module's device (values don't change speed): N(0, std) weights, ones for norms,
     recomputed position buffers, random Fourier features."""
-    from mvdit.network import FourierFeatures, RMSNorm
-    from mvdit.posemb import RopePosition3D
+    from mvdit.model.network import FourierFeatures, RMSNorm
+    from mvdit.model.posemb import RopePosition3D
 
     with torch.no_grad():
         for p in module.parameters():
@@ -154,7 +154,7 @@ def is_oom(e: BaseException) -> bool:
 @contextlib.contextmanager
 def sdpa_backend(name: str):
     """'default': torch's own choice; 'cudnn-first': cuDNN, then flash, efficient, math (safe everywhere);
-    'cudnn' / 'flash' / 'efficient' / 'math': only that backend (mvdit.sdpa, as infer.sdpa_backend forces it)."""
+    'cudnn' / 'flash' / 'efficient' / 'math': only that backend (as infer.sdpa_backend forces it)."""
     if name == "cudnn-first":
         with sdpa_kernel([sdpa.BACKENDS[b] for b in ("cudnn", "flash", "efficient", "math")], set_priority=True):
             yield
@@ -335,8 +335,8 @@ _compiled_qk = None
 
 
 def attentions(net: nn.Module):
-    """Every mvdit.network.Attention of `net` (self- and cross-attention)."""
-    from mvdit.network import Attention
+    """Every mvdit.model.network.Attention of `net` (self- and cross-attention)."""
+    from mvdit.model.network import Attention
 
     return [m for m in net.modules() if isinstance(m, Attention)]
 
@@ -344,7 +344,7 @@ def attentions(net: nn.Module):
 @contextlib.contextmanager
 def fused_qk_norm_rope(net: nn.Module):
     """Every Attention's q/k RMSNorm and RoPE as one torch.compile'd (fused) function, through the `qk_fn` seam."""
-    from mvdit.network import qk_norm_rope
+    from mvdit.model.network import qk_norm_rope
 
     global _compiled_qk
     if _compiled_qk is None:
@@ -367,10 +367,10 @@ def uncompile(module: nn.Module) -> None:
 
 @contextlib.contextmanager
 def compiled_blocks(net: nn.Module):
-    """Every Block compiled as infer.compile does (mvdit.pipeline.compile_blocks), undone on exit."""
+    """Every Block compiled as infer.compile does (mvdit.runtime.compile.compile_blocks), undone on exit."""
     import torch._dynamo
 
-    from mvdit.pipeline import compile_blocks
+    from mvdit.runtime.compile import compile_blocks
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     compile_blocks(net)
@@ -427,7 +427,7 @@ def random_condition(cfg, shape, views: int, text_len: int, dev, dtype):
     """Seeded random inputs of one sample: (cond, gt latent, text, cameras, generator). The caller draws the noisy
     latent from the returned generator next, so every benchmark sees the same numbers for the same seed."""
     from mvdit.constants import CAMERAS
-    from mvdit.edm import Condition, condition_indicator
+    from mvdit.model.edm import Condition, condition_indicator
 
     g = torch.Generator(device=dev).manual_seed(0)
     t_lat = shape[2] // views

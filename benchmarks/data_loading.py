@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from mvdit.constants import CAMERAS
-from mvdit.data import MultiviewClipDataset
-from mvdit.video_io import read_video, split_views, write_video
+from mvdit.data.dataset import MultiviewClipDataset
+from mvdit.data.video_io import read_video, split_views, write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP_S_8XH100 = 29.3  # projected seconds per iteration, one sample per GPU (BENCHMARKS.md)

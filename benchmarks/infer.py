@@ -2,7 +2,7 @@
 
 Measures, in one process: the ceilings (bf16 GEMM tokens x 4096 x 4096, fused SDPA forward per backend); one DiT
 forward per variant (warm-up first, CUDA events, median) with per-block times and peak memory; and real sampling
-steps through `mvdit.pipeline.generate` (classifier-free guidance, Euler), extrapolated to a 35-step sample.
+steps through `mvdit.inference.generate.generate` (classifier-free guidance, Euler), extrapolated to a 35-step sample.
 
 Variants are monkeypatches of mvdit (src/ unchanged), joined with '+':
   base      the package as it is (torch's default SDPA backend)
@@ -30,9 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
 
-from mvdit.config import get_preset  # noqa: E402
-from mvdit.edm import run_net  # noqa: E402
-from mvdit.network import MultiviewDiT  # noqa: E402
+from mvdit.model.config import get_preset  # noqa: E402
+from mvdit.model.edm import run_net  # noqa: E402
+from mvdit.model.network import MultiviewDiT  # noqa: E402
 
 PERF_MD = {
     "forward_flops": 3.70e15,
@@ -272,7 +272,7 @@ def main(argv=None):
     print(f"[fwd] best variant: {best}  speed-ups vs base: {res.get('speedup_vs_base')}", flush=True)
 
     # ------------------------------------------------------------------ real sampling steps
-    from mvdit.pipeline import generate
+    from mvdit.inference.generate import generate
 
     res["generate"] = {}
     gen_names = []

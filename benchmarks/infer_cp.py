@@ -1,4 +1,4 @@
-"""Context-parallel inference of the 7B DiT (`mvdit.context_parallel`): per-GPU compute, communication, and the
+"""Context-parallel inference of the 7B DiT (`mvdit.runtime.context_parallel`): per-GPU compute, communication, and the
 P-GPU time of a 35-step sample with guidance.
 
 Both ways of sharing self-attention are measured: "ulysses" (all-to-all of q, k, v and the output over heads) and
@@ -32,10 +32,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
 
-from mvdit import context_parallel  # noqa: E402
-from mvdit.config import get_preset  # noqa: E402
-from mvdit.edm import Condition, condition_indicator, run_net  # noqa: E402
-from mvdit.network import MultiviewDiT  # noqa: E402
+from mvdit.model.config import get_preset  # noqa: E402
+from mvdit.model.edm import Condition, condition_indicator, run_net  # noqa: E402
+from mvdit.model.network import MultiviewDiT  # noqa: E402
+from mvdit.runtime import context_parallel  # noqa: E402
 
 PERF_MD = {"sample_35_floor_1gpu_s": [402, 421], "sample_35_floor_8gpu_ideal_s": [50, 53], "upstream_8gpu_step_s": 3.7}
 

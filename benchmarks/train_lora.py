@@ -1,15 +1,15 @@
 """LoRA post-training iteration of the full 28-block 7B multiview DiT on one GPU, through the train.py path.
 
-Random base weights of the real shape, built on the meta device, frozen in bf16; peft LoRA adapters (mvdit.lora,
-default targets: q, k, v, out of both attentions and both MLP layers) in fp32 with fp32 AdamW state and an fp32
-adapter EMA. Sharded with `mvdit.parallel.parallelize` over a world-1 process group (FSDP2 per Block then root,
+Random base weights of the real shape, built on the meta device, frozen in bf16; peft LoRA adapters
+(mvdit.adapters.lora, default targets: q, k, v, out of both attentions and both MLP layers) in fp32 with fp32
+AdamW state and an fp32 adapter EMA. Sharded with `parallelize` over a world-1 process group (FSDP2 per Block then root,
 MixedPrecisionPolicy bf16 compute, fp32 gradient reduction), as src/train.py runs on one GPU. One iteration is
 `draw_loss_randomness` + `training_loss` forward + backward + grad clipping + AdamW step + EMA update, at the full
 6-view 57-frame 480x848 sample (76,320 tokens).
 
 Activation checkpointing variants (per Block, non-reentrant: the composable `checkpoint` parallelize applies):
   ac   full AC (recompute each Block in backward), what train.activation_checkpointing: full gives;
-  sac  selective (the same checkpoint with mvdit.parallel's policy: train.activation_checkpointing: selective): as
+  sac  selective (the same checkpoint with the selective policy: train.activation_checkpointing: selective): as
        ac, but the self-attention SDPA outputs are saved, not recomputed: +0.6 GiB per block;
   noac no checkpointing (needs ~23 GiB of activations per block at this size: does not fit 80 GB; opt-in).
 
@@ -33,12 +33,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
 
-from mvdit.config import get_preset  # noqa: E402
+from mvdit.adapters.lora import LoraSettings, add_lora, init_lora, lora_parameters  # noqa: E402
 from mvdit.constants import CAMERAS  # noqa: E402
-from mvdit.lora import LoraSettings, add_lora, init_lora, lora_parameters  # noqa: E402
-from mvdit.loss import LossConfig, draw_loss_randomness, training_loss  # noqa: E402
-from mvdit.network import DiffusionModel  # noqa: E402
+from mvdit.model.config import get_preset  # noqa: E402
+from mvdit.model.network import DiffusionModel  # noqa: E402
 from mvdit.training.ema import AdapterEma  # noqa: E402
+from mvdit.training.loss import LossConfig, draw_loss_randomness, training_loss  # noqa: E402
 
 PERF_MD = {"train_sample_model_flops": 1.11e16}  # the floors come from common.train_floors (LoRA, per checkpointing)
 
@@ -79,7 +79,7 @@ def lora_flops(cfg, s: LoraSettings, tokens: int, ctx_tokens: int, fl: dict) -> 
 def build(cfg, s: LoraSettings, dev: str, mesh, variant: str) -> DiffusionModel:
     """Meta build -> add_lora (base bf16, adapters fp32) -> to_empty on the device -> random base, peft-init adapters
     -> checkpointing -> FSDP2 (parallelize) with bf16 compute."""
-    from mvdit.parallel import parallelize
+    from mvdit.runtime.distributed import parallelize
 
     with torch.device("meta"):
         model = DiffusionModel(cfg)
@@ -166,7 +166,7 @@ def main(argv=None):
     t_start = time.time()
     dev = a.device
     cuda = dev.startswith("cuda")
-    from mvdit.parallel import init_distributed
+    from mvdit.runtime.distributed import init_distributed
 
     d = init_distributed()  # one local process: a world-1 NCCL (GPU) or gloo (CPU) group, as train.py gets
     cfg = get_preset(a.preset)

@@ -35,10 +35,10 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
 
-from mvdit.checkpoint import build_model, load_file, load_into  # noqa: E402
-from mvdit.config import get_preset  # noqa: E402
+from mvdit.assets.checkpoint import build_model, load_file, load_into  # noqa: E402
 from mvdit.constants import CAMERAS  # noqa: E402
-from mvdit.tokenizer import build_tiny_tokenizer  # noqa: E402
+from mvdit.model.config import get_preset  # noqa: E402
+from mvdit.tiny.tokenizer import build_tiny_tokenizer
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

@@ -1,6 +1,6 @@
 """Training-step speed and memory of the 7B multiview DiT's block stack on one GPU.
 
-The full 28-block model cannot be fully fine-tuned on one 80 GB GPU, so this runs `mvdit.loss.training_loss`
+The full 28-block model cannot be fully fine-tuned on one 80 GB GPU, so this runs `mvdit.training.loss.training_loss`
 forward + backward through a DiffusionModel with N blocks (random weights of the real shape, bf16 parameters and
 gradients; patch embedding, final layer and log-variance head included) at the full 76,320-token sample, with
 activation checkpointing off and on (torch.utils.checkpoint around every Block, non-reentrant). The per-block
@@ -27,10 +27,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
 
-from mvdit.config import get_preset  # noqa: E402
 from mvdit.constants import CAMERAS  # noqa: E402
-from mvdit.loss import LossConfig, draw_loss_randomness, training_loss  # noqa: E402
-from mvdit.network import DiffusionModel  # noqa: E402
+from mvdit.model.config import get_preset  # noqa: E402
+from mvdit.model.network import DiffusionModel  # noqa: E402
+from mvdit.training.loss import LossConfig, draw_loss_randomness, training_loss  # noqa: E402
 
 PERF_MD = {
     "train_sample_model_flops": 1.11e16,
@@ -68,11 +68,11 @@ def set_depth(
 ) -> None:
     """Use the first n blocks: each torch.compile'd when compiled (one graph shared by every block: regional
     compilation) and wrapped in non-reentrant activation checkpointing when ac (around the compiled block; selective
-    keeps the self-attention outputs: mvdit.parallel's policy). The wrappers are rebuilt per run; the blocks stay."""
+    keeps the self-attention outputs, as training does). The wrappers are rebuilt per run; the blocks stay."""
     import torch._dynamo
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
-    from mvdit.parallel import selective_checkpoint_context
+    from mvdit.runtime.activation_checkpointing import selective_checkpoint_context
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     blocks = {}

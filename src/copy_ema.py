@@ -22,19 +22,12 @@ import shutil
 import sys
 from pathlib import Path
 
-from mvdit.checkpoint import (
-    CheckpointError,
-    atomic_write,
-    build_model,
-    load_file,
-    load_into,
-    save_state_dict,
-    write_json,
-)
-from mvdit.experiment import Experiment, ExperimentError, load_experiment
-from mvdit.hub import file_digests
-from mvdit.lora import LoraError, merge_state_dict, read_adapter
-from mvdit.starting_point import initial_state_dict
+from mvdit.adapters.lora import LoraError, merge_state_dict, read_adapter
+from mvdit.assets.checkpoint import CheckpointError, build_model, load_file, load_into
+from mvdit.assets.files import atomic_write, save_state_dict, write_json
+from mvdit.assets.hub import file_digests
+from mvdit.training.starting_point import initial_state_dict
+from mvdit.workflow.experiment import Experiment, ExperimentError, load_experiment
 
 ITER_FILE = re.compile(r"iter_(\d{9})_(ema|reg)_(model\.pt|adapter\.safetensors)$")
 

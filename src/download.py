@@ -12,7 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from mvdit.hub import REPOS, DownloadError, download_repo, write_local_manifest
+from mvdit.assets.hub import REPOS, DownloadError, download_repo, write_local_manifest
 
 log = logging.getLogger("download")
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.INFO)
     try:
         if args.source == "tiny":
-            from mvdit.tiny import build_tiny_assets  # imported here: the Hub path must not need torch
+            from mvdit.tiny.assets import build_tiny_assets  # imported here: the Hub path must not need torch
 
             build_tiny_assets(args.checkpoint_dir, args.seed, repos=args.repo)
             manifests = [write_local_manifest(args.checkpoint_dir, r, source="tiny") for r in args.repo]

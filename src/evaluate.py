@@ -19,17 +19,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mvdit import context_parallel, fp8, sdpa
-from mvdit.checkpoint import CheckpointError, load_model, write_json
-from mvdit.console import say
-from mvdit.constants import SPATIAL_COMPRESSION
-from mvdit.data import DatasetError
-from mvdit.experiment import ExperimentError, load_experiment
-from mvdit.manifest import dataset_from_manifest
-from mvdit.metrics import cross_view_consistency, psnr, ssim, temporal_consistency
-from mvdit.pipeline import compile_blocks, generate, inference_dtype, latent_frames
-from mvdit.tokenizer import TokenizerLoadError, VideoTokenizer
-from mvdit.video_io import from_model_pixels
+from mvdit.assets.checkpoint import CheckpointError
+from mvdit.assets.files import write_json
+from mvdit.data.dataset import DatasetError
+from mvdit.data.manifest import dataset_from_manifest
+from mvdit.data.video_io import from_model_pixels
+from mvdit.encoders.tokenizer import TokenizerLoadError
+from mvdit.inference.metrics import cross_view_consistency, psnr, ssim, temporal_consistency
+from mvdit.inference.session import SamplingSession
+from mvdit.runtime import context_parallel
+from mvdit.runtime.console import say
+from mvdit.workflow.experiment import ExperimentError, load_experiment
 
 
 def main(argv=None) -> int:
@@ -79,7 +79,7 @@ def write_sheet(path: Path, sheets: list[dict], metrics: dict, n_cols: int = 9) 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from mvdit.checkpoint import atomic_write
+    from mvdit.assets.files import atomic_write
 
     per_clip = metrics["psnr_db_per_clip"]
     n_frames, h, w = next(iter(sheets[0]["truth"].values())).shape[:3]
@@ -113,38 +113,16 @@ def evaluate(args: argparse.Namespace) -> dict | None:
     n_in = inf.num_input_frames
     if n_in >= f:
         raise ValueError(f"infer.num_input_frames={n_in} leaves no frame to predict in {f}-frame clips")
-    procs = context_parallel.init_processes(args.device)
-    dev = procs.device
-    dtype = inference_dtype(dev, inf.precision)
-    net_cfg = cfg.net
-    fp8_plan = fp8.check(inf.precision, dev, args.experiment, net_cfg.head_dim)  # before any model loads
-    attn_kernel = sdpa.resolve(
-        inf.sdpa_backend, net_cfg.num_heads, net_cfg.head_dim, dtype, dev, args.experiment, d.text_len
-    )
+    session = SamplingSession(cfg, args.experiment, args.device, args.tokenizer_dir)  # checks before any load
+    procs, dev, dtype = session.procs, session.device, session.dtype
     if procs.main:
-        say(f"evaluate: attention: SDPA {attn_kernel} kernel (infer.sdpa_backend: {inf.sdpa_backend})")
+        say(f"evaluate: attention: SDPA {session.attn_kernel} kernel (infer.sdpa_backend: {inf.sdpa_backend})")
     guidance = inf.guidance if args.guidance is None else args.guidance
     dataset = dataset_from_manifest(args.data_manifest, split="held_out")
     n_clips = min(len(dataset), inf.eval_clips)
     if n_clips == 0:
         raise ValueError(f"{args.data_manifest}: no held-out clips to evaluate (set data.held_out > 0)")
-    tok = None
-    if procs.main:  # the other processes only run the DiT on their share of the tokens
-        tok = VideoTokenizer(args.tokenizer_dir or cfg.tokenizer_dir, device=dev, dtype=dtype, pixel_chunk_frames=f)
-    pickle_ok = cfg.model.allow_pickle
-    models = {
-        "post_trained": load_model(net_cfg, args.trained, device=dev, dtype=dtype, allow_pickle=pickle_ok)[0].eval(),
-        "untrained": load_model(net_cfg, args.baseline, device=dev, dtype=dtype, allow_pickle=pickle_ok)[0].eval(),
-    }
-    for model in models.values():  # sampled as infer.py samples
-        if fp8_plan:
-            fp8.apply(model.net, fp8_plan)
-        if procs.world > 1:
-            context_parallel.enable(model, mode=inf.context_parallel)
-        if inf.compile:
-            compile_blocks(model.net)
-    h, w = d.height // SPATIAL_COMPRESSION, d.width // SPATIAL_COMPRESSION
-    latent_shape = (1, net_cfg.in_channels, len(cameras) * latent_frames(f), h, w)
+    models = {"post_trained": session.load(args.trained), "untrained": session.load(args.baseline)}
     n_samples = inf.eval_samples if args.samples is None else args.samples
     keys = [*models, *(f"{m}_single_sample" for m in models), "copy_last_frame", "tokenizer_ceiling"]
     scores: dict[str, list[float]] = {k: [] for k in keys}
@@ -154,7 +132,7 @@ def evaluate(args: argparse.Namespace) -> dict | None:
     sheets = []
     for i in range(n_clips):
         item = dataset[i]
-        gt = None
+        cond_video = None
         if procs.main:  # the other processes need only the text and fps
             video = item["video"].float().to(dev) / 128.0 - 1  # inference normalisation, [3, V*F, H, W]
             views = video.reshape(3, len(cameras), f, *video.shape[-2:])
@@ -162,9 +140,7 @@ def evaluate(args: argparse.Namespace) -> dict | None:
             cond = views.clone()
             cond[:, :, n_in:] = 0  # the input frames, zero-padded as the pipeline does
             cond_video = cond.reshape(1, 3, len(cameras) * f, *video.shape[-2:])
-            with torch.no_grad(), tok.on(dev, inf.offload_tokenizer):
-                gt = tok.encode_views(cond_video.to(dtype), len(cameras)).to(dtype)
-                recon = tok.decode_views(tok.encode_views(video[None].to(dtype), len(cameras)), len(cameras))[0]
+            recon = session.round_trip(video[None])
             truth = {c: from_model_pixels(views[:, v]) for v, c in enumerate(cameras)}
             recon = recon.float().reshape(views.shape).clamp(-1, 1)
             copied = torch.cat([views[:, :, :n_in], views[:, :, n_in - 1 : n_in].expand_as(target)], dim=2)
@@ -175,31 +151,18 @@ def evaluate(args: argparse.Namespace) -> dict | None:
                 extra[name]["temporal_consistency"].append(
                     float(np.mean([temporal_consistency(frames[c], truth[c]) for c in cameras]))
                 )
-        gt = context_parallel.broadcast_from_main(gt, latent_shape, dtype, procs)
+        gt = session.encode(cond_video)
         text = item["t5_text_embeddings"][None].to(dev, dtype)  # the same files on every process
         for name, model in models.items():
             pix = 0
             for k in range(n_samples):  # the mean of several samples estimates the MSE-optimal prediction
-                with sdpa.backend(inf.sdpa_backend):
-                    latent = generate(
-                        model.net,
-                        gt,
-                        text,
-                        cameras,
-                        n_in,
-                        steps=inf.steps,
-                        guidance=guidance,
-                        seed=inf.seed + 1000 * i + k,
-                        compat=inf.compat,
-                        fps=float(item["fps"]),
-                        batch_guidance=inf.batch_guidance,
-                        progress=False,
-                    )
+                latent = session.sample(
+                    model, gt, text, n_in, steps=inf.steps, guidance=guidance, seed=inf.seed + 1000 * i + k,
+                    fps=float(item["fps"]),
+                )  # fmt: skip
                 if not procs.main:
                     continue
-                with torch.no_grad(), tok.on(dev, inf.offload_tokenizer):
-                    sample = tok.decode_views(latent.to(dtype), len(cameras))[0].float()
-                    sample = sample.reshape(views.shape).clamp(-1, 1)
+                sample = session.decode(latent).reshape(views.shape).clamp(-1, 1)
                 if k == 0:
                     scores[f"{name}_single_sample"].append(psnr(sample[:, :, n_in:], target))
                     video = {c: from_model_pixels(sample[:, v]) for v, c in enumerate(cameras)}
@@ -228,8 +191,8 @@ def evaluate(args: argparse.Namespace) -> dict | None:
         "samples": n_samples,  # per clip and model; sample k of clip i has seed infer.seed + 1000 i + k
         "seed": inf.seed,
         "context_parallel": procs.world,
-        "sdpa_backend": {"setting": inf.sdpa_backend, "kernel": attn_kernel},
-        "precision": fp8_plan.describe() if fp8_plan else {"setting": inf.precision},
+        "sdpa_backend": session.describe()["sdpa_backend"],
+        "precision": session.describe()["precision"],
         "psnr_db": {k: float(np.mean(v)) for k, v in scores.items()},
         "psnr_db_per_clip": scores,
         "single_sample_metrics": {m: {k: float(np.mean(v)) for k, v in d.items() if v} for m, d in extra.items()},

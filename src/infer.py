@@ -25,27 +25,13 @@ from pathlib import Path
 
 import torch
 
-from mvdit import context_parallel, fp8, sdpa
-from mvdit.checkpoint import CheckpointError, atomic_write, load_model, write_json
-from mvdit.console import say
-from mvdit.constants import SPATIAL_COMPRESSION
-from mvdit.experiment import ExperimentError, load_experiment
-from mvdit.hub import file_digests
-from mvdit.lifetime import die_with_parent, under_torchrun
-from mvdit.lora import LoraError, load_model_with_adapter
-from mvdit.pipeline import (
-    compile_blocks,
-    full_grid_views,
-    generate,
-    inference_dtype,
-    latent_frames,
-    pad_condition_video,
-    text_context,
-)
-from mvdit.prompts import PromptSetError, check_input, load_prompt_sets, read_condition_frames
-from mvdit.text_encoder import EmbeddingCache, T5TextEncoder, TextEncoderLoadError, encoder_identity
-from mvdit.tokenizer import TokenizerLoadError, VideoTokenizer
-from mvdit.video_io import (
+from mvdit.adapters.lora import LoraError
+from mvdit.assets.checkpoint import CheckpointError
+from mvdit.assets.files import atomic_write, write_json
+from mvdit.assets.hub import file_digests
+from mvdit.constants import latent_frames
+from mvdit.data.prompts import PromptSetError, check_input, load_prompt_sets, read_condition_frames
+from mvdit.data.video_io import (
     VideoReadError,
     concat_views,
     contact_sheet,
@@ -54,6 +40,14 @@ from mvdit.video_io import (
     to_model_pixels,
     write_video,
 )
+from mvdit.encoders.text_encoder import EmbeddingCache, T5TextEncoder, TextEncoderLoadError, encoder_identity
+from mvdit.encoders.tokenizer import TokenizerLoadError
+from mvdit.inference.generate import full_grid_views, pad_condition_video, text_context
+from mvdit.inference.session import SamplingSession
+from mvdit.runtime import context_parallel
+from mvdit.runtime.console import say
+from mvdit.runtime.lifetime import die_with_parent, under_torchrun
+from mvdit.workflow.experiment import ExperimentError, load_experiment
 
 log = logging.getLogger("infer")
 
@@ -132,30 +126,14 @@ def run(args: argparse.Namespace) -> None:
     args.cache_dir = args.cache_dir or cfg.results / "t5_cache"
     if not args.checkpoint.is_file():
         raise CheckpointError(f"checkpoint {args.checkpoint} does not exist: run the train and copy_ema rules first")
-    procs = context_parallel.init_processes(args.device)
-    main_proc = procs.main
+    session = SamplingSession(cfg, args.experiment, args.device, args.tokenizer_dir)  # checks before any load
+    main_proc, dev, dtype = session.main, session.device, session.dtype
     if not main_proc:
         logging.getLogger().setLevel(logging.WARNING)
-    dev = procs.device
-    dtype = inference_dtype(dev, inf.precision)
-    net_cfg = cfg.net
-    fp8_plan = fp8.check(inf.precision, dev, args.experiment, net_cfg.head_dim)  # before any model loads
-    attn_kernel = sdpa.resolve(
-        inf.sdpa_backend, net_cfg.num_heads, net_cfg.head_dim, dtype, dev, args.experiment, d.text_len
-    )
-    log.info("attention: SDPA %s kernel (infer.sdpa_backend: %s)", attn_kernel, inf.sdpa_backend)
+    log.info("attention: SDPA %s kernel (infer.sdpa_backend: %s)", session.attn_kernel, inf.sdpa_backend)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     timings: dict[str, float] = {}
-    n_v, t_lat = len(cameras), latent_frames(d.num_frames)
-    text_shape = (1, n_v * d.text_len, net_cfg.crossattn_emb_channels)
-    latent_shape = (
-        1,
-        net_cfg.in_channels,
-        n_v * t_lat,
-        d.height // SPATIAL_COMPRESSION,
-        d.width // SPATIAL_COMPRESSION,
-    )
 
     t0 = time.perf_counter()
     texts = {}
@@ -169,81 +147,52 @@ def run(args: argparse.Namespace) -> None:
             )
             texts[ps.name] = text_context(embs, d.text_len).to(dev, dtype)
     for ps in sets:
-        texts[ps.name] = context_parallel.broadcast_from_main(texts.get(ps.name), text_shape, dtype, procs)
+        texts[ps.name] = session.broadcast(texts.get(ps.name), session.text_shape)
     timings["text_encoder_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    tok = None
-    if main_proc:  # only the main process encodes the condition frames and decodes the result
-        tok = VideoTokenizer(
-            args.tokenizer_dir or cfg.tokenizer_dir, device=dev, dtype=dtype, pixel_chunk_frames=d.num_frames
-        )
-    if args.adapter is not None:  # base + LoRA adapter, not merged
-        model = load_model_with_adapter(
-            net_cfg, args.checkpoint, args.adapter, device=dev, dtype=dtype, allow_pickle=cfg.model.allow_pickle
-        )
-    else:
-        model, _ = load_model(net_cfg, args.checkpoint, device=dev, dtype=dtype, allow_pickle=cfg.model.allow_pickle)
-    model.eval()
-    if fp8_plan:
-        log.info("fp8: %s %s", fp8_plan.describe(), fp8.apply(model.net, fp8_plan))
-    if procs.world > 1:
-        context_parallel.enable(model, mode=inf.context_parallel)
-        log.info(
-            "context parallelism (%s) over %d processes: each holds 1/%d of the tokens",
-            inf.context_parallel,
-            procs.world,
-            procs.world,
-        )
-    if inf.compile:
-        compile_blocks(model.net)
+    if main_proc:
+        session.tokenizer  # noqa: B018 - open it now: its load time counts with the model's
+    model = session.load(args.checkpoint, args.adapter)
     ckpt_sha = sha256_of(args.checkpoint) if main_proc else None
     timings["load_s"] = time.perf_counter() - t0
 
     for ps in sets:
         t_set = time.perf_counter()
-        gt = None
+        video = None
         if main_proc:
             frames = read_condition_frames(ps, cameras)
-            views = [to_model_pixels(f, d.height, d.width, dtype=torch.float32).to(dev, dtype) for f in frames]
+            views = [to_model_pixels(f, d.height, d.width, dtype=torch.float32) for f in frames]
             video = pad_condition_video(views, d.num_frames)
-            with torch.no_grad(), tok.on(dev, inf.offload_tokenizer):
-                gt = tok.encode_views(video, len(cameras)).to(dtype)
-        gt = context_parallel.broadcast_from_main(gt, latent_shape, dtype, procs)
+        gt = session.encode(video)
         settings = ps.settings | {
             "steps": args.steps or ps.settings["steps"],
             "compat": inf.compat,
             "frame_repeat": inf.frame_repeat,
         }
-        if os.environ.get("MVDIT_DEBUG_OOM") == f"{procs.rank}:{ps.name}":  # fault injection for the test suite
-            raise torch.OutOfMemoryError(f"CUDA out of memory (injected on rank {procs.rank})")
+        if os.environ.get("MVDIT_DEBUG_OOM") == f"{session.procs.rank}:{ps.name}":  # fault injection for the tests
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected on rank {session.procs.rank})")
         t0 = time.perf_counter()
-        with sdpa.backend(inf.sdpa_backend):
-            latent = generate(
-                model.net,
-                gt,
-                texts[ps.name],
-                cameras,
-                ps.num_input_frames,
-                steps=settings["steps"],
-                guidance=settings["guidance"],
-                seed=settings["seed"],
-                compat=settings["compat"],
-                fps=settings["fps"],
-                frame_repeat=settings["frame_repeat"],
-                batch_guidance=inf.batch_guidance,
-                progress=main_proc,
-            )
+        latent = session.sample(
+            model,
+            gt,
+            texts[ps.name],
+            ps.num_input_frames,
+            steps=settings["steps"],
+            guidance=settings["guidance"],
+            seed=settings["seed"],
+            fps=settings["fps"],
+            progress=True,
+        )
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         sample_s = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
-        peaks = context_parallel.gather_floats(-1.0 if peak is None else peak, procs)
+        peaks = context_parallel.gather_floats(-1.0 if peak is None else peak, session.procs)
         if not main_proc:
             continue
         t0 = time.perf_counter()
-        with torch.no_grad(), tok.on(dev, inf.offload_tokenizer):
-            pixels = tok.decode_views(latent.to(dtype), len(cameras))[0]
+        pixels = session.decode(latent)
         decode_s = time.perf_counter() - t0
         f = d.num_frames
         per_view = {cam: from_model_pixels(pixels[:, i * f : (i + 1) * f]) for i, cam in enumerate(cameras)}
@@ -262,13 +211,7 @@ def run(args: argparse.Namespace) -> None:
             "adapter": str(args.adapter) if args.adapter else None,
             "adapter_sha256": sha256_of(args.adapter) if args.adapter else None,
             "latent_sha256": hashlib.sha256(latent.cpu().contiguous().numpy().tobytes()).hexdigest(),
-            "device": str(dev),
-            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-            "context_parallel": procs.world,
-            "context_parallel_mode": inf.context_parallel if procs.world > 1 else None,
-            "dtype": str(dtype),
-            "precision": fp8_plan.describe() if fp8_plan else {"setting": inf.precision},
-            "sdpa_backend": {"setting": inf.sdpa_backend, "kernel": attn_kernel},
+            **session.describe(),
             "resolution": [d.height, d.width],
             "frames_per_view": f,
             "latent_frames": latent_frames(f),

@@ -35,8 +35,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mvdit.console import say
-from mvdit.lifetime import die_with_parent
+from mvdit.runtime.console import say
+from mvdit.runtime.lifetime import die_with_parent
 
 EXIT_STOPPED = 3  # train.py: stopped by a signal after saving a checkpoint
 STOP_SIGNALS = (signal.SIGURG, signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)

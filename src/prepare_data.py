@@ -1,6 +1,6 @@
 """Prepare the training data of an experiment and precompute its T5 embeddings, then write the data manifest.
 
-Sources: synthetic (render driving clips), real (validate a user's dataset, see mvdit.data for the layout) and
+Sources: synthetic (render driving clips), real (validate a user's dataset, see mvdit.data.dataset for the layout) and
 mock (upstream's random videos and embeddings, generated on the fly; nothing to write).
 Example: python src/prepare_data.py --experiment experiments/tiny_demo.yaml --out-dir results/tiny_demo/data
 """
@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mvdit.checkpoint import write_json
-from mvdit.data import DatasetError, HeldOutSplit, save_t5_embedding, scan_clips, t5_path
-from mvdit.experiment import ExperimentError, load_experiment
-from mvdit.synthetic import make_synthetic_dataset
-from mvdit.text_encoder import EmbeddingCache, T5TextEncoder, TextEncoderLoadError, encoder_identity
-from mvdit.video_io import VideoReadError
+from mvdit.assets.files import write_json
+from mvdit.data.dataset import DatasetError, HeldOutSplit, save_t5_embedding, scan_clips, t5_path
+from mvdit.data.synthetic import make_synthetic_dataset
+from mvdit.data.video_io import VideoReadError
+from mvdit.encoders.text_encoder import EmbeddingCache, T5TextEncoder, TextEncoderLoadError, encoder_identity
+from mvdit.workflow.experiment import ExperimentError, load_experiment
 
 log = logging.getLogger("prepare_data")
 

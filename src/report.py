@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mvdit.checkpoint import atomic_write, write_json
+from mvdit.assets.files import atomic_write, write_json
 
 
 def read_log(path: Path) -> list[dict]:

@@ -24,22 +24,23 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from mvdit.checkpoint import CheckpointError, atomic_write, write_json
-from mvdit.console import say
-from mvdit.experiment import ExperimentError, load_experiment
-from mvdit.lifetime import die_with_parent, under_torchrun
-from mvdit.lora import LoraSettings, add_lora, lora_init_state_dict, lora_parameters
-from mvdit.loss import LossConfig, draw_loss_randomness, training_loss
-from mvdit.manifest import dataset_from_manifest
-from mvdit.network import DiffusionModel
-from mvdit.parallel import broadcast_full_state, init_distributed, parallelize
-from mvdit.starting_point import initial_state_dict
-from mvdit.tokenizer import VideoTokenizer
+from mvdit.adapters.lora import LoraSettings, add_lora, lora_init_state_dict, lora_parameters
+from mvdit.assets.checkpoint import CheckpointError
+from mvdit.assets.files import atomic_write, write_json
+from mvdit.data.manifest import dataset_from_manifest
+from mvdit.encoders.tokenizer import VideoTokenizer
+from mvdit.model.network import DiffusionModel
+from mvdit.runtime.console import say
+from mvdit.runtime.distributed import broadcast_full_state, init_distributed, parallelize
+from mvdit.runtime.lifetime import die_with_parent, under_torchrun
 from mvdit.training import TrainError
 from mvdit.training.checkpointing import ckpt_name, load_checkpoint, prune_checkpoints, read_latest, save_checkpoint
 from mvdit.training.ema import AdapterEma, ema_beta, ema_gamma, update_ema
 from mvdit.training.loader import train_loader
+from mvdit.training.loss import LossConfig, draw_loss_randomness, training_loss
 from mvdit.training.optim import optimizer_and_schedule
+from mvdit.training.starting_point import initial_state_dict
+from mvdit.workflow.experiment import ExperimentError, load_experiment
 
 log = logging.getLogger("train")
 EXIT_STOPPED = 3  # stopped by a signal after saving: rerun to resume

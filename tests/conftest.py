@@ -1,17 +1,12 @@
-"""Shared fixtures: paths to the bundled reference data, CPU determinism."""
+"""Shared fixtures: the bundled reference data, CPU determinism, one intra-op thread. Shared helper functions are in
+tests/helpers.py."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from mvdit.tiny import build_tiny_assets
-
-DATA = Path(__file__).parent / "data"
-ROOT = Path(__file__).resolve().parents[1]
+from .helpers import DATA
 
 
 @pytest.fixture(autouse=True)
@@ -32,55 +27,3 @@ def one_thread():
 @pytest.fixture
 def data_dir() -> Path:
     return DATA
-
-
-def tiny_inference_setup(d: Path, name: str, steps: int) -> Path:
-    """Tiny stand-in checkpoints under d/checkpoints and d/exp.yaml: fp32 inference of the tiny "release" model on
-    9 frames at 32x48. Returns d."""
-    build_tiny_assets(d / "checkpoints")
-    exp = {
-        "name": name,
-        "checkpoint_dir": str(d / "checkpoints"),
-        "checkpoint_source": "tiny",
-        "model": {"preset": "tiny"},
-        "data": {"num_frames": 9, "height": 32, "width": 48, "text_len": 8},
-        "infer": {"steps": steps, "precision": "fp32", "checkpoint": "release"},
-    }
-    (d / "exp.yaml").write_text(yaml.safe_dump(exp))
-    return d
-
-
-def train_command(nproc: int, experiment: Path, data_dir: Path, out: Path, tokenizer: Path, *extra) -> list[str]:
-    """src/launch.py running src/train.py on `nproc` processes, as the train rule does."""
-    cmd = [sys.executable, ROOT / "src/launch.py", "--nproc", str(nproc), "--", ROOT / "src/train.py"]
-    cmd += ["--experiment", experiment, "--data-manifest", data_dir / "manifest.json", "--out-dir", out]
-    return [str(c) for c in [*cmd, "--tokenizer-dir", tokenizer, *extra]]
-
-
-def mock_experiment(name: str, iterations: int, save_iter: int, mock_items: int = 16, **train) -> dict:
-    """The tiny model trained from scratch on upstream-style mock data (9 frames at 32x48) by 2 processes in fp32."""
-    data = {"source": "mock", "mock_items": mock_items, "num_frames": 9, "height": 32, "width": 48, "text_len": 8}
-    base = {"init": "scratch", "iterations": iterations, "save_iter": save_iter, "nproc": 2, "lr": 1e-3}
-    base |= {"warmup_steps": 3, "precision": "fp32", "activation_checkpointing": "none"}
-    return {"name": name, "model": {"preset": "tiny"}, "data": data, "train": base | train}
-
-
-def prepare_experiment(d: Path, exp: dict, *prepare_args) -> Path:
-    """`exp` written to d/exp.yaml and its data made under d/data by prepare_data.py, as the rule does (extra
-    arguments, e.g. --t5-dir, pass through). Returns d/exp.yaml."""
-    (d / "exp.yaml").write_text(yaml.safe_dump(exp))
-    cmd = [ROOT / "src/prepare_data.py", "--experiment", d / "exp.yaml", "--out-dir", d / "data", *prepare_args]
-    r = subprocess.run([sys.executable, *map(str, cmd)], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return d / "exp.yaml"
-
-
-def prepare_tiny_experiment(d: Path, name: str, **sections) -> Path:
-    """Tiny stand-in checkpoints under d/checkpoints, an experiment of the tiny "release" model with the given
-    sections (data, train, infer) as d/exp.yaml, and its data and T5 embeddings under d/data.
-    Returns d/checkpoints."""
-    ck = d / "checkpoints"
-    build_tiny_assets(ck)
-    exp = {"name": name, "checkpoint_dir": str(ck), "checkpoint_source": "tiny", "model": {"preset": "tiny"}}
-    prepare_experiment(d, exp | sections, "--t5-dir", ck / "google-t5/t5-11b", "--cache-dir", d / "t5_cache")
-    return ck

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from .conftest import ROOT
+from .helpers import ROOT
 
 _spec = importlib.util.spec_from_file_location("bench_common", ROOT / "benchmarks/common.py")
 C = importlib.util.module_from_spec(_spec)
@@ -127,6 +127,42 @@ def test_single_gpu_benchmarks_run_on_the_tiny_preset(tmp_path):
     assert set(res["runs"]) == {"ac", "sac"} and all(r["finite"] for r in res["runs"].values())
     assert [r["floor"]["checkpointing"] for r in res["runs"].values()] == ["full", "selective"]
     assert all(r["floor"]["lora"] and r["floor"]["same_call_s"] > 0 for r in res["runs"].values())
+
+
+def test_fp8_training_gemms_have_the_linear_gradients_within_fp8_rounding():
+    """benchmarks/train_fp8_block.py's Fp8TrainLinear (emulated on the CPU): forward, input and weight gradients of
+    x W^T each within E4M3 rounding of the fp32 Linear's, the weight still the trained Parameter."""
+    from torch import nn
+
+    spec = importlib.util.spec_from_file_location("train_fp8_block", ROOT / "benchmarks/train_fp8_block.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch = mod.torch
+    lin = nn.Linear(64, 48, bias=False)
+    f = mod.Fp8TrainLinear(lin, emulate=True)
+    assert [p for p in f.parameters()] == [lin.weight]
+    x = torch.randn(2, 40, 64, requires_grad=True)
+    g = torch.randn(2, 40, 48)
+    grads = []
+    for m in (lin, f):
+        x.grad = lin.weight.grad = None
+        y = m(x)
+        y.backward(g)
+        grads.append((y.detach(), x.grad.clone(), lin.weight.grad.clone()))
+    for ref, got in zip(grads[0], grads[1], strict=True):
+        e = float((got - ref).norm() / ref.norm())
+        assert 1e-3 < e < 0.1, e  # rounded (not the fp32 path), within a few E4M3 ulps
+
+
+def test_fp8_training_block_benchmark_runs_on_the_tiny_preset(tmp_path):
+    out = tmp_path / "tfb.json"
+    args = [*SMALL, "--no-compile", "--reps", "1", "--warmup", "1", "--out", out]
+    run([sys.executable, ROOT / "benchmarks/train_fp8_block.py", *args], tmp_path)
+    res = json.loads(out.read_text())
+    b, f = res["variants"]["bf16"], res["variants"]["fp8"]
+    assert b["swapped_linears"] == 0 and f["swapped_linears"] == 8 and b["step_ms_median"] > 0
+    assert 0 < f["input_grad_rel_diff_vs_bf16"] < 0.1 and 0 < f["mlp_in_weight_grad_rel_diff_vs_bf16"] < 0.2
+    assert "says nothing" in res["adopt_step_1"]["note"]
 
 
 @pytest.mark.parametrize("name", ["train_step.json", "train_step_opt.json", "train_step_sac.json", "train_lora.json"])

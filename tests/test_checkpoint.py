@@ -6,16 +6,16 @@ import pickle
 import pytest
 import torch
 
-from mvdit.checkpoint import (
+from mvdit.assets.checkpoint import (
     CheckpointError,
     CheckpointMismatchError,
     build_model,
     load_file,
     load_into,
     load_model,
-    save_state_dict,
 )
-from mvdit.config import get_preset
+from mvdit.assets.files import save_state_dict
+from mvdit.model.config import get_preset
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 import mvdit.training.checkpointing as ckpt
-from mvdit.parallel import Dist
+from mvdit.runtime.distributed import Dist
 from mvdit.training import TrainError
 from mvdit.training.checkpointing import (
     ckpt_name,

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from mvdit import console
+from mvdit.runtime import console
 
 
 def test_say_is_one_write_of_the_line_and_its_newline(monkeypatch, capfd):
@@ -14,15 +14,16 @@ def test_say_is_one_write_of_the_line_and_its_newline(monkeypatch, capfd):
     real_write = os.write
     monkeypatch.setattr(console.os, "write", lambda fd, data: writes.append((fd, data)) or real_write(fd, data))
     console.say("train.py: out of GPU memory (...); set train.activation_checkpointing: full")
-    assert [data for _, data in writes] == [b"train.py: out of GPU memory (...); set train.activation_checkpointing: full\n"]
+    assert [data for _, data in writes] == [
+        b"train.py: out of GPU memory (...); set train.activation_checkpointing: full\n"
+    ]
     assert capfd.readouterr().err.endswith("full\n")
 
 
 def test_lines_from_concurrent_processes_arrive_whole():
     line = "rank{}: " + "x" * 2000
     code = (
-        "import sys; from mvdit.console import say\n"
-        f"for _ in range(300): say({line!r}.format(sys.argv[1]))\n"
+        f"import sys; from mvdit.runtime.console import say\nfor _ in range(300): say({line!r}.format(sys.argv[1]))\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     r, w = os.pipe()

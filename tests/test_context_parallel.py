@@ -22,16 +22,17 @@ import torch.multiprocessing as mp
 import yaml
 from safetensors.torch import load_file, save_file
 
-from mvdit import context_parallel
-from mvdit.config import get_preset
 from mvdit.constants import CAMERAS
-from mvdit.context_parallel import shard_bounds
-from mvdit.network import Attention, MultiviewDiT, ViewRuns
-from mvdit.pipeline import compile_blocks, generate
-from mvdit.prompts import JSONL_KEYS
-from mvdit.video_io import read_video
+from mvdit.data.prompts import JSONL_KEYS
+from mvdit.data.video_io import read_video
+from mvdit.inference.generate import generate
+from mvdit.model.config import get_preset
+from mvdit.model.network import Attention, MultiviewDiT, ViewRuns
+from mvdit.runtime import context_parallel
+from mvdit.runtime.compile import compile_blocks
+from mvdit.runtime.context_parallel import shard_bounds
 
-from .conftest import prepare_tiny_experiment, tiny_inference_setup
+from .helpers import prepare_tiny_experiment, tiny_inference_setup
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"

@@ -1,4 +1,4 @@
-"""Tests of mvdit.data: clip scanning and validation, the real-clip dataset, the mock dataset and the split."""
+"""Tests of mvdit.data.dataset: clip scanning and validation, the real-clip dataset, the mock dataset and the split."""
 
 import pickle
 import shutil
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mvdit.constants import CAMERAS, T5_DIM
-from mvdit.data import (
+from mvdit.data.dataset import (
     DatasetError,
     HeldOutSplit,
     MockDataset,
@@ -17,8 +17,8 @@ from mvdit.data import (
     save_t5_embedding,
     scan_clips,
 )
-from mvdit.synthetic import make_synthetic_dataset
-from mvdit.video_io import read_video
+from mvdit.data.synthetic import make_synthetic_dataset
+from mvdit.data.video_io import read_video
 
 N_FRAMES, H, W = 12, 24, 40
 

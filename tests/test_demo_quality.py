@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from .conftest import ROOT
-from .test_workflow import merged, snakemake
+from .helpers import ROOT, merged, snakemake
 
 REDUCED = {
     "name": "ci_quality",

@@ -1,4 +1,4 @@
-"""Checkpoint download (mvdit.hub, src/download.py) with the real huggingface_hub client against a fake Hub."""
+"""Checkpoint download (mvdit.assets.hub, src/download.py) with the real huggingface_hub client against a fake Hub."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mvdit import hub
+from mvdit.assets import hub
 from mvdit.constants import DIT_REPO, T5_REPO, TOKENIZER_REPO
 from tests.fake_hub import FakeHub, FakeRepo, git_blob_sha1
 
@@ -425,7 +425,7 @@ def test_cli_tiny_builds_assets_and_writes_manifests(ckpt, monkeypatch):
             (checkpoint_dir / spec.subdir).mkdir(parents=True, exist_ok=True)
             (checkpoint_dir / spec.subdir / "weights.bin").write_bytes(b"seed %d" % seed)
 
-    monkeypatch.setitem(sys.modules, "mvdit.tiny", types.SimpleNamespace(build_tiny_assets=build_tiny_assets))
+    monkeypatch.setitem(sys.modules, "mvdit.tiny.assets", types.SimpleNamespace(build_tiny_assets=build_tiny_assets))
 
     assert _cli().main(["--checkpoint-dir", str(ckpt), "--source", "tiny", "--seed", "7"]) == 0
 

@@ -1,4 +1,4 @@
-"""EDM preconditioning and the conditioned denoiser (mvdit.edm): closed-form scalings, the condition-frame
+"""EDM preconditioning and the conditioned denoiser (mvdit.model.edm): closed-form scalings, the condition-frame
 replacement and guidance, with stand-in networks whose output is known."""
 
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from mvdit.edm import (
+from mvdit.model.edm import (
     Condition,
     augment_condition,
     condition_indicator,

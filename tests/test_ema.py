@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from mvdit.checkpoint import build_model
-from mvdit.config import get_preset
-from mvdit.lora import LoraError, LoraSettings, add_lora, is_lora_key
+from mvdit.adapters.lora import LoraError, LoraSettings, add_lora, is_lora_key
+from mvdit.assets.checkpoint import build_model
+from mvdit.model.config import get_preset
 from mvdit.training.ema import AdapterEma, ema_beta, ema_gamma, ema_update_, update_ema
 
 pytestmark = pytest.mark.usefixtures("one_thread")

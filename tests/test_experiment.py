@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mvdit.experiment import (
+from mvdit.training.ema import ema_beta, ema_gamma
+from mvdit.training.optim import lr_multiplier
+from mvdit.workflow.experiment import (
     DataCfg,
     Experiment,
     ExperimentError,
@@ -20,10 +22,8 @@ from mvdit.experiment import (
     load_schema,
     validate,
 )
-from mvdit.training.ema import ema_beta, ema_gamma
-from mvdit.training.optim import lr_multiplier
 
-from .conftest import ROOT
+from .helpers import ROOT
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "experiments").glob("*.yaml")))

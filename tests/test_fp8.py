@@ -8,14 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mvdit import fp8
-from mvdit.checkpoint import build_model
-from mvdit.config import get_preset
-from mvdit.experiment import ExperimentError
-from mvdit.network import Attention, sdpa
-from mvdit.posemb import RopePosition3D, apply_rope, rope_table
+from mvdit.assets.checkpoint import build_model
+from mvdit.model.config import get_preset
+from mvdit.model.network import Attention, sdpa
+from mvdit.model.posemb import RopePosition3D, apply_rope, rope_table
+from mvdit.runtime import fp8
+from mvdit.workflow.experiment import ExperimentError
 
-from .conftest import ROOT
+from .helpers import ROOT
 
 
 def rel(a, b):
@@ -138,6 +138,19 @@ def test_fp8_linear_replaces_the_weight_and_stays_close_to_the_linear():
     assert y.shape == (3, 10, 64) and 1e-3 < rel(y, lin(x)) < 0.06
     with pytest.raises(ValueError, match="bias-free"):
         fp8.Fp8Linear(nn.Linear(8, 8))
+
+
+def test_tensorwise_fp8_linear_keeps_one_scale_per_tensor_and_is_coarser_than_rowwise():
+    lin = nn.Linear(128, 64, bias=False)
+    with torch.no_grad():
+        lin.weight.mul_(torch.logspace(-2, 0, 64)[:, None])  # output rows two decades apart
+    x = torch.randn(3, 10, 128) * torch.logspace(-2, 0, 10)[:, None]  # tokens two decades apart
+    tw, rw = fp8.Fp8Linear(lin, gemm="emulated_tensorwise"), fp8.Fp8Linear(lin, gemm="emulated")
+    assert tw.weight_scale.shape == () and tw.weight_fp8.float().abs().max() == 448
+    assert 1e-3 < rel(rw(x), lin(x)) < rel(tw(x), lin(x)) < 0.2
+    assert "one scale per tensor" in fp8.Fp8Plan("scaled_mm_tensorwise", "sdpa").describe()["gemm"]
+    with pytest.raises(ValueError, match="unknown FP8 GEMM"):
+        fp8.Fp8Linear(lin, gemm="rowwise")
 
 
 def test_emulated_fp8_attention_is_close_to_sdpa():

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from .conftest import ROOT, prepare_tiny_experiment, train_command
+from .helpers import ROOT, prepare_tiny_experiment, train_command
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 SRC = ROOT / "src"

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from mvdit.tokenizer import build_tiny_tokenizer
+from mvdit.tiny.tokenizer import build_tiny_tokenizer
 
-from .conftest import ROOT, mock_experiment, prepare_experiment
+from .helpers import ROOT, mock_experiment, prepare_experiment
 
 SRC = ROOT / "src"
 sys.path.insert(0, str(SRC))
@@ -231,9 +231,10 @@ def test_on_stop_terminate_ends_programs_that_have_nothing_to_save(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     p = subprocess.Popen([str(c) for c in cmd], stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not all((tmp_path / f"rank{r}").exists() for r in (0, 1)):
-        time.sleep(0.05)
-    pids = [int((tmp_path / f"rank{r}").read_text()) for r in (0, 1)]
+    files = [tmp_path / f"rank{r}" for r in (0, 1)]
+    while time.monotonic() < deadline and not all(f.exists() and f.read_text() for f in files):
+        time.sleep(0.05)  # each file is created, then written: wait for the pid inside
+    pids = [int(f.read_text()) for f in files]
     t0 = time.monotonic()
     p.send_signal(signal.SIGTERM)  # to launch.py alone, as Snakemake or a user would
     code, err = wait(p, timeout=60)

@@ -1,5 +1,5 @@
-"""LoRA adapters (mvdit.lora): peft injection, freezing, adapter files, merging, a short training run on the demo
-data, and FSDP2 sharding with 2 gloo processes. CPU, tiny preset."""
+"""LoRA adapters (mvdit.adapters.lora): peft injection, freezing, adapter files, merging, a short training run on
+the demo data, and FSDP2 sharding with 2 gloo processes. CPU, tiny preset."""
 
 import json
 import os
@@ -14,16 +14,7 @@ import pytest
 import torch
 from einops import rearrange
 
-from mvdit.checkpoint import (
-    CheckpointError,
-    CheckpointMismatchError,
-    build_model,
-    load_into,
-    load_model,
-    save_state_dict,
-)
-from mvdit.config import get_preset
-from mvdit.lora import (
+from mvdit.adapters.lora import (
     LoraError,
     LoraSettings,
     adapter_state_dict,
@@ -37,13 +28,16 @@ from mvdit.lora import (
     read_adapter,
     save_adapter,
 )
-from mvdit.loss import LossConfig, draw_loss_randomness, training_loss
-from mvdit.network import DiffusionModel
+from mvdit.assets.checkpoint import CheckpointError, CheckpointMismatchError, build_model, load_into, load_model
+from mvdit.assets.files import save_state_dict
+from mvdit.data.video_io import read_video
+from mvdit.model.config import get_preset
+from mvdit.model.network import DiffusionModel
 from mvdit.training.checkpointing import lora_train_state
 from mvdit.training.ema import AdapterEma
-from mvdit.video_io import read_video
+from mvdit.training.loss import LossConfig, draw_loss_randomness, training_loss
 
-from .conftest import ROOT, tiny_inference_setup
+from .helpers import ROOT, tiny_inference_setup
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -206,8 +200,9 @@ def test_merged_equals_unmerged_and_loads_into_plain_model(tmp_path):
 
 def demo_latents(tmp: Path, n_clips: int = 2) -> torch.Tensor:
     """The tiny demo's data: synthetic six-camera clips through the tiny video tokenizer -> [B, 16, 6*2, 4, 6]."""
-    from mvdit.synthetic import render_clip
-    from mvdit.tokenizer import VideoTokenizer, build_tiny_tokenizer
+    from mvdit.data.synthetic import render_clip
+    from mvdit.encoders.tokenizer import VideoTokenizer
+    from mvdit.tiny.tokenizer import build_tiny_tokenizer
 
     build_tiny_tokenizer(tmp / "tok")
     tok = VideoTokenizer(tmp / "tok", pixel_chunk_frames=9)
@@ -253,7 +248,7 @@ def _fsdp_worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
     from torch.distributed.device_mesh import init_device_mesh
 
-    from mvdit.parallel import broadcast_full_state, full_state_dict, parallelize
+    from mvdit.runtime.distributed import broadcast_full_state, full_state_dict, parallelize
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)

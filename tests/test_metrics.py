@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from mvdit.constants import CAMERAS
-from mvdit.metrics import cross_view_consistency, psnr, ssim, temporal_consistency
-from mvdit.synthetic import render_clip
+from mvdit.data.synthetic import render_clip
+from mvdit.inference.metrics import cross_view_consistency, psnr, ssim, temporal_consistency
 
 
 def test_psnr_known_values():

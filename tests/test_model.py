@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from mvdit.checkpoint import build_model
-from mvdit.config import MODELS, NetConfig, get_preset
-from mvdit.edm import Condition, condition_indicator, inference_x0, num_condition_latent_frames
-from mvdit.network import DiffusionModel
-from mvdit.sampler import karras_sigmas, sample_euler
+from mvdit.assets.checkpoint import build_model
+from mvdit.model.config import MODELS, NetConfig, get_preset
+from mvdit.model.edm import Condition, condition_indicator, inference_x0, num_condition_latent_frames
+from mvdit.model.network import DiffusionModel
+from mvdit.model.sampler import karras_sigmas, sample_euler
 
-from .conftest import DATA
+from .helpers import DATA
 
 
 def read_key_list():
@@ -175,7 +175,8 @@ def test_bf16_autocast_on_gpu_matches_fp32_closely():
 
 @pytest.mark.slow
 def test_compiled_blocks_sample_the_same_as_eager():
-    from mvdit.pipeline import compile_blocks, generate
+    from mvdit.inference.generate import generate
+    from mvdit.runtime.compile import compile_blocks
 
     model = build_model(get_preset("tiny")).eval()
     v, t = 6, 2
@@ -190,7 +191,7 @@ def test_compiled_blocks_sample_the_same_as_eager():
 
 def test_bf16_model_samples_in_bf16():
     """A bf16 model (as on GPU) gets bf16 inputs all the way: the fp32 EDM scalings must not promote the latent."""
-    from mvdit.pipeline import generate
+    from mvdit.inference.generate import generate
 
     model = build_model(get_preset("tiny"), dtype=torch.bfloat16).eval()
     v, t = 6, 2
@@ -217,7 +218,7 @@ def test_a_camera_subset_keeps_each_cameras_view_embedding_row():
 
 
 def test_batched_guidance_equals_two_forwards():
-    from mvdit.pipeline import generate
+    from mvdit.inference.generate import generate
 
     model = build_model(get_preset("tiny")).eval()
     v, t = 6, 2

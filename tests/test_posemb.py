@@ -1,4 +1,4 @@
-"""Position embeddings (mvdit.posemb): closed-form cases of the 3-D RoPE, the sin-cos tables and the timestep
+"""Position embeddings (mvdit.model.posemb): closed-form cases of the 3-D RoPE, the sin-cos tables and the timestep
 sinusoid, tested through the public functions only."""
 
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from mvdit.posemb import (
+from mvdit.model.posemb import (
     RopePosition3D,
     SinCosPosEmb3D,
     apply_rope,

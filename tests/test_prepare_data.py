@@ -9,12 +9,12 @@ import sys
 import pytest
 import yaml
 
-from mvdit.manifest import dataset_from_manifest
-from mvdit.synthetic import make_synthetic_dataset
-from mvdit.text_encoder import build_tiny_t5
-from mvdit.video_io import read_video, write_video
+from mvdit.data.manifest import dataset_from_manifest
+from mvdit.data.synthetic import make_synthetic_dataset
+from mvdit.data.video_io import read_video, write_video
+from mvdit.tiny.text_encoder import build_tiny_t5
 
-from .conftest import ROOT
+from .helpers import ROOT
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from mvdit.constants import CAMERAS
-from mvdit.prompts import (
+from mvdit.data.prompts import (
     DEFAULT_SETTINGS,
     UPSTREAM_SIDE_PROMPTS,
     PromptSetError,
@@ -20,7 +20,7 @@ from mvdit.prompts import (
     resolve_prompt_sets,
 )
 
-from .conftest import DATA, ROOT
+from .helpers import DATA, ROOT
 
 CAMS = list(CAMERAS)
 SIDES = [c for c in CAMS if c != "front"]
@@ -88,14 +88,14 @@ def test_upstream_default_side_prompts_are_upstreams_strings():
 
 
 def test_default_settings_are_the_experiment_schemas_defaults():
-    schema = yaml.safe_load((ROOT / "src/mvdit/experiment.schema.yaml").read_text())
+    schema = yaml.safe_load((ROOT / "src/mvdit/workflow/experiment.schema.yaml").read_text())
     infer = schema["properties"]["infer"]["properties"]
     assert DEFAULT_SETTINGS == {k: infer[k]["default"] for k in DEFAULT_SETTINGS}
 
 
 def test_resolving_prompt_sets_does_not_import_torch():
     code = (
-        "import sys; from pathlib import Path; from mvdit.prompts import resolve_prompt_sets\n"
+        "import sys; from pathlib import Path; from mvdit.data.prompts import resolve_prompt_sets\n"
         f"resolve_prompt_sets(None, Path({str(ROOT)!r}), {CAMS!r})\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
@@ -331,7 +331,7 @@ def test_bad_prompt_sets_are_one_line_errors(project, change, message):
 
 
 def test_input_too_short_or_not_six_views(project):
-    from mvdit.video_io import read_video, write_video
+    from mvdit.data.video_io import read_video, write_video
 
     frames, fps = read_video(project / "clip.mp4")
     write_video(project / "short.mp4", frames[:30], fps)  # 5 per view

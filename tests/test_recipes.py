@@ -11,10 +11,9 @@ import pytest
 import torch
 import yaml
 
-from mvdit.checkpoint import load_file
+from mvdit.assets.checkpoint import load_file
 
-from .conftest import ROOT, train_command
-from .test_workflow import job_counts, merged, snakemake
+from .helpers import ROOT, job_counts, merged, snakemake, train_command
 
 SETS = sorted(p.stem for p in (ROOT / "prompts").glob("*.yaml"))
 DIT = "Cosmos-Predict1-7B-Video2World-Sample-AV-Multiview"

@@ -13,10 +13,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from mvdit import sampler
-from mvdit.refvec import check_file, compare, load_bounds, main, output_keys, run_file
+from mvdit.model import sampler
+from mvdit.refvec.check import check_file, compare, load_bounds, main, output_keys, run_file
 
-from .conftest import DATA
+from .helpers import DATA
 
 VECTORS = sorted(p.name for p in DATA.glob("*.safetensors"))
 BOUNDS_FILE = DATA / "refvec_bounds.json"

@@ -1,4 +1,4 @@
-"""Samplers (mvdit.sampler): the Karras and RES schedules, the Euler step and both samplers on denoisers whose
+"""Samplers (mvdit.model.sampler): the Karras and RES schedules, the Euler step and both samplers on denoisers whose
 probability-flow ODE has a closed-form solution."""
 
 import math
@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from mvdit.sampler import euler_step, init_noise_sigma, karras_sigmas, res_sigmas, sample_euler, sample_res_2ab
+from mvdit.model.sampler import euler_step, init_noise_sigma, karras_sigmas, sample_euler
+from mvdit.refvec.parity import res_sigmas, sample_res_2ab
 
 S = 0.5  # std of the Gaussian "data" below
 

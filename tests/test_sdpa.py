@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mvdit import sdpa
-from mvdit.experiment import ExperimentError
+from mvdit.runtime import sdpa
+from mvdit.workflow.experiment import ExperimentError
 
 
 def test_auto_reports_the_kernel_torch_picks_and_forcing_math_is_honoured():

@@ -30,7 +30,7 @@ import pytest
 import torch
 import yaml
 
-from .conftest import ROOT
+from .helpers import ROOT
 from .slurm_cluster import SlurmCluster, SlurmUnavailable
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from mvdit.stale_locks import (
+from mvdit.workflow.stale_locks import (
     RUNS_DIR,
     clear_stale_locks,
     clear_stale_locks_if_main,
@@ -21,7 +21,7 @@ from mvdit.stale_locks import (
     this_run,
 )
 
-from .conftest import ROOT
+from .helpers import ROOT
 
 linux_only = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
 
@@ -179,7 +179,7 @@ SNAKEFILE = """
 import sys
 from pathlib import Path
 sys.path.insert(0, {src!r})
-from mvdit.stale_locks import clear_stale_locks_if_main
+from mvdit.workflow.stale_locks import clear_stale_locks_if_main
 print("cleared" if clear_stale_locks_if_main(workflow, Path.cwd()) else "not cleared", file=sys.stderr)
 
 rule all:
@@ -215,7 +215,7 @@ def test_a_killed_main_run_leaves_its_record_and_a_finished_one_does_not(tmp_pat
     code = (
         f"import sys, os, time; sys.path.insert(0, {str(ROOT / 'src')!r})\n"
         "from types import SimpleNamespace\n"
-        "from mvdit.stale_locks import clear_stale_locks_if_main\n"
+        "from mvdit.workflow.stale_locks import clear_stale_locks_if_main\n"
         f"clear_stale_locks_if_main(SimpleNamespace(is_main_process=True), {str(tmp_path)!r})\n"
         "print('ready', flush=True)\n"
         "time.sleep(float(sys.argv[1]))\n"

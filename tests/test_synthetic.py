@@ -1,4 +1,4 @@
-"""Tests of mvdit.synthetic: determinism, speed, cross-view geometric consistency and motion."""
+"""Tests of mvdit.data.synthetic: determinism, speed, cross-view geometric consistency and motion."""
 
 import time
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mvdit.constants import CAMERAS
-from mvdit.synthetic import (
+from mvdit.data.synthetic import (
     CAMERA_PHRASE,
     CAPTION_PREFIX,
     LANE_OFFSET,
@@ -20,7 +20,7 @@ from mvdit.synthetic import (
     render_clip,
     render_scene,
 )
-from mvdit.video_io import probe_video
+from mvdit.data.video_io import probe_video
 
 H, W = 48, 80
 

@@ -11,14 +11,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from mvdit.text_encoder import (
+from mvdit.encoders.text_encoder import (
     EmbeddingCache,
     T5TextEncoder,
     TextEncoderLoadError,
-    build_tiny_t5,
     encoder_identity,
     load_upstream_t5_pickle,
 )
+from mvdit.tiny.text_encoder import build_tiny_t5
 
 PROMPTS = [
     "The video is captured from a camera mounted on a car. The camera is facing to the left. ",

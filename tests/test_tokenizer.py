@@ -12,7 +12,8 @@ import torch
 from einops import rearrange
 
 from mvdit.constants import SIGMA_DATA
-from mvdit.tokenizer import TokenizerLoadError, VideoTokenizer, build_tiny_tokenizer, fit_tiny_tokenizer
+from mvdit.encoders.tokenizer import TokenizerLoadError, VideoTokenizer
+from mvdit.tiny.tokenizer import build_tiny_tokenizer, fit_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +233,7 @@ def test_on_moves_an_offloaded_tokenizer_for_a_block_of_work_and_back(tok_dir, m
 
 def _demo_clips(n: int) -> torch.Tensor:
     """[n*6, 3, 17, 64, 96] in [-1, 1]: held-out-like clips of the demo (its size, fps and data seed, not the fit's)."""
-    from mvdit.synthetic import clip_seed, render_clip
+    from mvdit.data.synthetic import clip_seed, render_clip
 
     clips = [render_clip(clip_seed(0, 20 + i), 17, 64, 96, 6, fps=10.0, supersample=2) for i in range(n)]
     return torch.from_numpy(np.concatenate(clips)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1

@@ -20,9 +20,9 @@ import pytest
 import torch
 import yaml
 
-from mvdit.tokenizer import build_tiny_tokenizer
+from mvdit.tiny.tokenizer import build_tiny_tokenizer
 
-from .conftest import ROOT, mock_experiment, prepare_experiment
+from .helpers import ROOT, mock_experiment, prepare_experiment
 
 SRC = ROOT / "src"
 
@@ -288,8 +288,8 @@ def test_nan_and_inf_count_in_the_same_streak(setup):
 def test_out_of_memory_in_training_is_one_line_and_keeps_the_last_checkpoint(setup, reference):
     """A CUDA OOM at step 6 (after the checkpoint at 4): every process says the same one line with the advice, exit 1,
     no traceback from train.py; checkpoint 4 stays the latest, loads, and the rerun resumes from it."""
-    from mvdit.checkpoint import load_model
-    from mvdit.config import get_preset
+    from mvdit.assets.checkpoint import load_model
+    from mvdit.model.config import get_preset
 
     out = setup / "oom"
     code, err = run(setup, out, "--debug-oom-at", "6")
@@ -402,9 +402,9 @@ def test_tensorboard_logging_is_optional(setup):
 def test_lora_post_training_through_the_same_engine(setup, tmp_path):
     """train.lora.enabled: adapter-only safetensors at every save, the merged EMA where copy_ema reads it, exact
     resume, and inference from base + adapter equal to the merged model."""
-    from mvdit.checkpoint import load_file, load_into
-    from mvdit.config import get_preset
-    from mvdit.lora import read_adapter
+    from mvdit.adapters.lora import read_adapter
+    from mvdit.assets.checkpoint import load_file, load_into
+    from mvdit.model.config import get_preset
 
     exp = yaml.safe_load((setup / "exp.yaml").read_text())
     exp["train"] = exp["train"] | {"lora": {"enabled": True, "rank": 4, "alpha": 8}, "iterations": 8}
@@ -423,7 +423,7 @@ def test_lora_post_training_through_the_same_engine(setup, tmp_path):
         assert (ck / f"iter_{it:09d}_reg_adapter.safetensors").stat().st_size < 2_000_000
     assert not (ck / "iter_000000004_ema_model.pt").exists()  # merged only at the end
     merged = load_file(ck / "iter_000000008_ema_model.pt")
-    from mvdit.checkpoint import build_model
+    from mvdit.assets.checkpoint import build_model
 
     load_into(build_model(get_preset("tiny"), seed=None), merged)  # a plain model, strictly: upstream's names
     final = json.loads((setup / "lora_ref/final.json").read_text())

@@ -1,4 +1,4 @@
-"""Tests of mvdit.video_io: ffmpeg round trips, bad files, upstream pixel normalisation and multiview layouts."""
+"""Tests of mvdit.data.video_io: ffmpeg round trips, bad files, upstream pixel normalisation and multiview layouts."""
 
 from pathlib import Path
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mvdit.constants import CAMERAS
-from mvdit.video_io import (
+from mvdit.data.video_io import (
     VideoReadError,
     concat_views,
     contact_sheet,
@@ -169,7 +169,7 @@ def test_contact_sheet(tmp_path):
 
 
 def test_an_ffmpeg_too_old_for_frame_exact_decoding_is_a_one_line_error(monkeypatch):
-    from mvdit import video_io
+    from mvdit.data import video_io
 
     monkeypatch.setattr(video_io.imageio_ffmpeg, "get_ffmpeg_version", lambda: "4.2.2-static")
     video_io.ffmpeg_exe.cache_clear()

@@ -5,28 +5,15 @@ and the tiny demo runs end to end (reduced) with outputs people can watch.
 import json
 import re
 import subprocess
-import sys
 import tomllib
 
 import numpy as np
 import pytest
 import yaml
 
-from mvdit.video_io import probe_video, read_video
+from mvdit.data.video_io import probe_video, read_video
 
-from .conftest import ROOT
-
-BIN = ROOT / ".venv" / "bin"
-
-
-def tool(name: str) -> list[str]:
-    exe = BIN / name
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", name]
-
-
-def snakemake(*args, cwd=ROOT, timeout=600) -> subprocess.CompletedProcess:
-    cmd = [*tool("snakemake"), "-s", str(ROOT / "Snakefile"), *args]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+from .helpers import ROOT, job_counts, merged, snakemake, tool
 
 
 def test_ruff_snakefmt_and_snakemake_lint_are_clean():
@@ -39,21 +26,6 @@ def test_ruff_snakefmt_and_snakemake_lint_are_clean():
         assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout}\n{r.stderr}"
     r = snakemake("--lint", "--directory", str(ROOT))
     assert r.returncode == 0 and "Lints for" not in r.stdout + r.stderr, r.stdout + r.stderr
-
-
-def job_counts(text: str) -> dict[str, int]:
-    counts, on = {}, False
-    for line in text.splitlines():
-        if line.startswith("job ") and "count" in line:
-            on, counts = True, {}
-            continue
-        if on:
-            parts = line.split()
-            if len(parts) == 2 and parts[1].isdigit():
-                counts[parts[0]] = int(parts[1])
-            elif line.startswith("total"):
-                on = False
-    return counts
 
 
 def test_7b_example_dry_run_plans_the_full_dag(tmp_path):
@@ -170,13 +142,6 @@ DEMO_OVERRIDES = {
         "prompt_sets": ["synthetic_highway", "snowy_road_9frames", "synthetic_stills"],
     },
 }
-
-
-def merged(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merged(base.get(k, {}), v) if isinstance(v, dict) else v
-    return out
 
 
 @pytest.mark.slow

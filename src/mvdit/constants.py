@@ -26,3 +26,8 @@ REPO_SUBDIRS: dict[str, str] = {
     TOKENIZER_REPO: "Cosmos-Tokenize1-CV8x8x8-720p",
     T5_REPO: "google-t5/t5-11b",
 }
+
+
+def latent_frames(num_frames: int) -> int:
+    """Latent frames of a clip of `num_frames` pixel frames: the causal tokenizer maps 1 + 8k frames to 1 + k."""
+    return 1 + (num_frames - 1) // TEMPORAL_COMPRESSION

@@ -17,11 +17,12 @@ import pytest
 import torch
 import yaml
 
-from mvdit.checkpoint import atomic_write, build_model, load_model, save_state_dict
-from mvdit.config import get_preset
-from mvdit.video_io import read_video
+from mvdit.assets.checkpoint import build_model, load_model
+from mvdit.assets.files import atomic_write, save_state_dict
+from mvdit.data.video_io import read_video
+from mvdit.model.config import get_preset
 
-from ..conftest import mock_experiment, prepare_experiment, tiny_inference_setup, train_command
+from ..helpers import mock_experiment, prepare_experiment, tiny_inference_setup, train_command
 
 ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "src"
@@ -198,7 +199,7 @@ def test_out_of_memory_gives_advice(tiny, monkeypatch, capsys):
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(mod, "generate", oom)
+    monkeypatch.setattr(mod.SamplingSession, "sample", oom)
     ck = tiny / "checkpoints"
     rc = mod.main(
         [
@@ -233,7 +234,7 @@ def test_a_write_killed_midway_leaves_the_previous_file(tmp_path):
     target.write_bytes(b"old complete file")
     code = (
         "import os, signal, sys\n"
-        "from mvdit.checkpoint import atomic_write\n"
+        "from mvdit.assets.files import atomic_write\n"
         "def w(p):\n"
         "    open(p, 'wb').write(b'half of the new')\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
@@ -277,7 +278,7 @@ def small_disk(tmp_path):
 
 
 def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, small_disk):
-    from mvdit.tokenizer import build_tiny_tokenizer
+    from mvdit.tiny.tokenizer import build_tiny_tokenizer
 
     build_tiny_tokenizer(tmp_path / "tok")
     exp = mock_experiment("full", iterations=8, save_iter=4, mock_items=8)

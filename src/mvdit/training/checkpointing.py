@@ -34,9 +34,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from mvdit.checkpoint import atomic_write, save_state_dict, write_json
-from mvdit.lora import LoraSettings, adapter_state_dict, is_lora_key, merge_state_dict, save_adapter
-from mvdit.parallel import Dist, full_state_dict, load_sharded_state, sharded_state
+from mvdit.adapters.lora import LoraSettings, adapter_state_dict, is_lora_key, merge_state_dict, save_adapter
+from mvdit.assets.files import atomic_write, save_state_dict, write_json
+from mvdit.runtime.distributed import Dist, full_state_dict, load_sharded_state, sharded_state
 from mvdit.training import TrainError
 from mvdit.training.ema import AdapterEma
 

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mvdit.checkpoint import CheckpointMismatchError, _short
-from mvdit.lora import LoraError, _file_name, _full, is_lora_key
+from mvdit.adapters.lora import LoraError, _file_name, _full, is_lora_key
+from mvdit.assets.checkpoint import CheckpointMismatchError, _short
 
 
 def ema_gamma(rate: float) -> float:

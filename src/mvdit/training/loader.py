@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from mvdit.parallel import Dist
+from mvdit.runtime.distributed import Dist
 from mvdit.training import TrainError
 
 

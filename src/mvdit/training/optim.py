@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import torch
 
-from mvdit.experiment import TrainCfg
+from mvdit.workflow.experiment import TrainCfg
 
 
 def lr_multiplier(step: int, warmup_steps: int, f_start: float) -> float:

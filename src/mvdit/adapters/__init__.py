@@ -1,0 +1,1 @@
+"""Adapters trained on top of a frozen base model (LoRA)."""

@@ -1,0 +1,178 @@
+"""The tiny video tokenizer: a linear stand-in for Cosmos-Tokenize1-CV8x8x8, fitted to the synthetic renderer when the
+tiny assets are built, written in the released file formats (encoder.jit, decoder.jit, mean_std.pt) so that
+mvdit.encoders.tokenizer loads it exactly as it loads the real one.
+"""
+
+import functools
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from mvdit.constants import LATENT_CHANNELS, SPATIAL_COMPRESSION, TEMPORAL_COMPRESSION
+from mvdit.data.synthetic import clip_seed, render_clip
+
+# Tiny stand-in: a linear tokenizer fitted to the synthetic renderer when the tiny assets are built. The encoder
+# projects each 8x8 patch of pixel frame 0, and each 8x8x8 patch of frames 8j-7..8j, onto its 16 principal
+# components (PCA of rendered clips); the decoder is a least-squares map from the 3x3 neighbourhood of the current
+# latent frame and of the previous one to the patch's pixels. Causal both ways, like CV8x8x8: latent frame 0 sees
+# pixel frame 0 only, latent frame j sees frames <= 8j, and pixel frames of chunk j decode from latent frames <= j.
+
+_TINY_STATS_FRAMES = 16  # latent-frame statistics stored; enough for pixel chunks up to 121 frames
+_TINY_FIT = dict(clips=6, frames=17, height=64, width=96, fps=10.0, supersample=2)  # the demo's clip format
+_PATCH0 = 3 * SPATIAL_COMPRESSION**2  # one 8x8 RGB patch of pixel frame 0
+_PATCH = TEMPORAL_COMPRESSION * _PATCH0  # one 8x8x8 RGB patch of a later chunk
+
+
+def _patches(x: torch.Tensor) -> torch.Tensor:
+    """[B, 3, t, H, W] -> [B, H/8, W/8, 3*t*64], ordered (colour, frame, row, column) within a patch."""
+    b, c, t, h, w = x.shape
+    x = x.reshape(b, c, t, h // 8, 8, w // 8, 8).permute(0, 3, 5, 1, 2, 4, 6)
+    return x.reshape(b, h // 8, w // 8, c * t * 64)
+
+
+def _unpatch(p: torch.Tensor, t: int) -> torch.Tensor:
+    """Inverse of _patches: [B, h, w, 3*t*64] -> [B, 3, t, 8h, 8w]."""
+    b, h, w, _ = p.shape
+    return p.reshape(b, h, w, 3, t, 8, 8).permute(0, 3, 4, 1, 5, 2, 6).reshape(b, 3, t, h * 8, w * 8)
+
+
+def _neighbourhood(z: torch.Tensor) -> torch.Tensor:
+    """Latent frame [B, 16, h, w] -> [B, h, w, 16*9 + 1]: the 3x3 neighbourhood (edges replicated) and a constant 1."""
+    b, c, h, w = z.shape
+    cols = nn.functional.unfold(nn.functional.pad(z, (1, 1, 1, 1), mode="replicate"), 3)  # [B, c*9, h*w]
+    feats = cols.transpose(1, 2).reshape(b, h, w, c * 9)
+    return torch.cat([feats, torch.ones_like(feats[..., :1])], dim=-1)
+
+
+class _TinyEncoder(nn.Module):
+    """[B,3,1+8k,H,W] in [-1,1] -> ([B,16,1+k,H/8,W/8],). Latent frame 0 sees pixel frame 0 only (causal)."""
+
+    def __init__(self, mean0: torch.Tensor, basis0: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean0", mean0.float())  # [192]
+        self.register_buffer("basis0", basis0.float())  # [192, 16]
+        self.register_buffer("mean", mean.float())  # [1536]
+        self.register_buffer("basis", basis.float())  # [1536, 16]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        b, c, t, h, w = x.shape
+        if c != 3 or (t - 1) % 8 != 0 or h % 8 != 0 or w % 8 != 0:
+            raise ValueError("tiny encoder expects [B,3,1+8k,H,W] with H and W divisible by 8")
+        frames = [(_patches(x[:, :, :1]) - self.mean0) @ self.basis0]
+        for j in range(1, 1 + (t - 1) // 8):
+            frames.append((_patches(x[:, :, 8 * j - 7 : 8 * j + 1]) - self.mean) @ self.basis)
+        return (torch.stack(frames, dim=1).permute(0, 4, 1, 2, 3).contiguous(),)
+
+
+class _TinyDecoder(nn.Module):
+    """[B,16,1+k,h,w] -> [B,3,1+8k,8h,8w]; pixel frames of latent frame j from latent frames j and j-1 (causal)."""
+
+    def __init__(self, dec0: torch.Tensor, dec1: torch.Tensor, dec2: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("dec0", dec0.float())  # [145, 192]: frame 0 from its own latent
+        self.register_buffer("dec1", dec1.float())  # [290, 1536]: chunk 1 from latent frames 1 and 0
+        self.register_buffer("dec2", dec2.float())  # [290, 1536]: chunk j >= 2 from latent frames j and j-1
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        b, k, t, h, w = z.shape
+        if k != 16:
+            raise ValueError("tiny decoder expects 16 latent channels")
+        out = [_unpatch(_neighbourhood(z[:, :, 0]) @ self.dec0, 1)]
+        for j in range(1, t):
+            feats = torch.cat([_neighbourhood(z[:, :, j]), _neighbourhood(z[:, :, j - 1])], dim=-1)
+            out.append(_unpatch(feats @ (self.dec1 if j == 1 else self.dec2), 8))
+        return torch.cat(out, dim=2)
+
+
+def _pca(p: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [N, D] -> (mean [D], top-k principal directions [D, k]) by subspace iteration from a fixed start
+    (a full eigh of D = 1536 takes seconds on 2 cores); signs fixed so each direction's largest entry is positive."""
+    mean = p.mean(0)
+    cov = (p - mean).T @ (p - mean) / len(p)
+    q = torch.randn(cov.shape[0], 2 * k, generator=torch.Generator().manual_seed(0), dtype=cov.dtype)
+    for _ in range(30):
+        q = torch.linalg.qr(cov @ q).Q
+    vals, vecs = torch.linalg.eigh(q.T @ cov @ q)  # Rayleigh-Ritz: the best k directions in the subspace
+    basis = q @ vecs[:, -k:].flip(1)
+    return mean, basis * torch.sign(basis[basis.abs().argmax(0), torch.arange(k)])
+
+
+@functools.lru_cache(maxsize=2)
+def fit_tiny_tokenizer(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Fit the tiny tokenizer to clips of the synthetic renderer (scenes unrelated to any data set's): float64 PCA
+    bases, least-squares decoders and latent statistics. Deterministic on any machine: the sums run on one thread
+    (with several, their order, and so the last bits, follow the thread count); a few seconds on 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _fit_tiny_tokenizer(seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit_tiny_tokenizer(seed: int) -> dict[str, torch.Tensor]:
+    f = _TINY_FIT
+    clips = [
+        render_clip(clip_seed(10_000 + seed, i), f["frames"], f["height"], f["width"], 6, f["fps"], f["supersample"])
+        for i in range(f["clips"])
+    ]
+    video = torch.from_numpy(np.concatenate(clips)).permute(0, 4, 1, 2, 3).double() / 127.5 - 1  # [N, 3, T, H, W]
+    n_chunks = (f["frames"] - 1) // TEMPORAL_COMPRESSION
+    p0 = _patches(video[:, :, :1])
+    chunks = [_patches(video[:, :, 8 * j - 7 : 8 * j + 1]) for j in range(1, 1 + n_chunks)]
+    mean0, basis0 = _pca(p0.reshape(-1, _PATCH0), LATENT_CHANNELS)
+    mean, basis = _pca(torch.cat(chunks).reshape(-1, _PATCH), LATENT_CHANNELS)
+    z = [((p0 - mean0) @ basis0).permute(0, 3, 1, 2)] + [((c - mean) @ basis).permute(0, 3, 1, 2) for c in chunks]
+
+    def lstsq(feats: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        a, y = feats.reshape(-1, feats.shape[-1]), target.reshape(-1, target.shape[-1])
+        ridge = 1e-6 * torch.eye(a.shape[1], dtype=a.dtype) * float((a * a).mean()) * len(a)
+        return torch.linalg.solve(a.T @ a + ridge, a.T @ y)
+
+    def pair(j: int) -> torch.Tensor:
+        return torch.cat([_neighbourhood(z[j]), _neighbourhood(z[j - 1])], dim=-1)
+
+    dec0 = lstsq(_neighbourhood(z[0]), p0)
+    dec1 = lstsq(pair(1), chunks[0])
+    dec2 = lstsq(torch.cat([pair(j) for j in range(2, 1 + n_chunks)]), torch.cat(chunks[1:]))
+    # Per channel, as the released statistics: frame 0 (one pixel frame) and the later chunks each have their own.
+    std = torch.empty(1, LATENT_CHANNELS, _TINY_STATS_FRAMES, 1, 1, dtype=torch.float64)
+    std[0, :, 0, 0, 0] = z[0].std(dim=(0, 2, 3))
+    std[0, :, 1:, 0, 0] = torch.cat(z[1:]).std(dim=(0, 2, 3))[:, None]
+    return dict(
+        mean0=mean0, basis0=basis0, mean=mean, basis=basis, dec0=dec0, dec1=dec1, dec2=dec2,
+        latent_mean=torch.zeros_like(std), latent_std=std,
+    )  # fmt: skip
+
+
+def build_tiny_tokenizer(out_dir: Path, seed: int = 0) -> None:
+    """Write a tiny CV8x8x8-compatible tokenizer fitted to the synthetic renderer (fit_tiny_tokenizer): encoder.jit,
+    decoder.jit, mean_std.pt and config.json."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fit = fit_tiny_tokenizer(seed)
+    encoder = _TinyEncoder(fit["mean0"], fit["basis0"], fit["mean"], fit["basis"]).eval()
+    decoder = _TinyDecoder(fit["dec0"], fit["dec1"], fit["dec2"]).eval()
+    with warnings.catch_warnings():
+        # TorchScript is deprecated in torch, but it is the format of the released tokenizer.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(encoder), str(out_dir / "encoder.jit"))
+        torch.jit.save(torch.jit.script(decoder), str(out_dir / "decoder.jit"))
+    torch.save((fit["latent_mean"].float(), fit["latent_std"].float()), out_dir / "mean_std.pt")
+    config = {
+        "name": "tiny-cv8x8x8",
+        "description": "linear stand-in for Cosmos-Tokenize1-CV8x8x8 fitted to the synthetic renderer: PCA encoder "
+        "per 8x8 patch of frame 0 and 8x8x8 patch of each later chunk, least-squares decoder from the 3x3 "
+        "neighbourhood of the current and previous latent frame",
+        "latent_channels": LATENT_CHANNELS,
+        "temporal_compression": TEMPORAL_COMPRESSION,
+        "spatial_compression": SPATIAL_COMPRESSION,
+        "fit": {**_TINY_FIT, "scene_seeds": f"clip_seed({10_000 + seed}, i)"},
+        "mean_std_frames": _TINY_STATS_FRAMES,
+        "seed": seed,
+    }
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
