@@ -447,3 +447,20 @@ def random_condition(cfg, shape, views: int, text_len: int, dev, dtype):
         augment_noise=torch.randn(shape, device=dev, generator=g).to(dtype),
     )
     return cond, gt, text, cameras, g
+
+
+def sampling_session(preset: str, views: int, frames: int, height: int, width: int, text_len: int, device: str):
+    """The sampling session infer.py and evaluate.py use, for an in-memory experiment of this shape (bf16 on a GPU,
+    SDPA's own kernel choice): the benchmarks' samples run the same recipe with the same settings."""
+    from mvdit.constants import CAMERAS
+    from mvdit.inference.session import SamplingSession
+    from mvdit.workflow.experiment import Experiment, validate
+
+    cfg = {
+        "name": "benchmark",
+        "model": {"preset": preset},
+        "data": {"cameras": list(CAMERAS[:views]), "num_frames": frames, "height": height, "width": width}
+        | {"text_len": text_len},
+        "infer": {"precision": "bf16", "checkpoint": "release"},
+    }
+    return SamplingSession(Experiment.from_config(validate(cfg, "<benchmark>"), "<benchmark>"), "<benchmark>", device)

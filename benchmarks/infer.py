@@ -2,7 +2,8 @@
 
 Measures, in one process: the ceilings (bf16 GEMM tokens x 4096 x 4096, fused SDPA forward per backend); one DiT
 forward per variant (warm-up first, CUDA events, median) with per-block times and peak memory; and real sampling
-steps through `mvdit.inference.generate.generate` (classifier-free guidance, Euler), extrapolated to a 35-step sample.
+steps through the sampling session infer.py uses (`SamplingSession.sample`: classifier-free guidance, Euler),
+extrapolated to a 35-step sample.
 
 Variants are monkeypatches of mvdit (src/ unchanged), joined with '+':
   base      the package as it is (torch's default SDPA backend)
@@ -48,7 +49,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_shape_args(p)
     p.add_argument("--steps", type=int, default=35, help="sampling steps of one sample (extrapolation)")
-    p.add_argument("--gen-steps", type=int, default=3, help="real sampling steps run through pipeline.generate")
+    p.add_argument("--gen-steps", type=int, default=3, help="real sampling steps run through SamplingSession.sample")
     p.add_argument("--guidance", type=float, default=7.0)
     p.add_argument("--reps", type=int, default=3, help="timed forwards of the baseline (other variants: --var-reps)")
     p.add_argument("--var-reps", type=int, default=2)
@@ -272,8 +273,7 @@ def main(argv=None):
     print(f"[fwd] best variant: {best}  speed-ups vs base: {res.get('speedup_vs_base')}", flush=True)
 
     # ------------------------------------------------------------------ real sampling steps
-    from mvdit.inference.generate import generate
-
+    session = C.sampling_session(a.preset, a.views, a.frames, a.height, a.width, a.text_len, dev)
     res["generate"] = {}
     gen_names = []
     for s in a.gen_variants.split(","):
@@ -293,15 +293,15 @@ def main(argv=None):
                 marks = []
                 t0 = time.perf_counter()
                 start = Stamp(dev)
-                out = generate(
+                out = session.sample(
                     model,
                     gt,
                     text,
-                    cameras,
-                    num_input_frames=9,
+                    9,
                     steps=a.gen_steps,
                     guidance=a.guidance,
-                    progress=False,
+                    seed=1,
+                    fps=24.0,
                     batch_guidance=batch2,
                     step_callback=lambda i, marks=marks: marks.append(Stamp(dev)),
                 )

@@ -8,7 +8,7 @@ Phases (--phases, comma-separated; each writes into the JSON as it ends):
             chunked fp32 attention, no TF32): relative L2 error of the network output; the gate is fp8 <= 3x bf16
   forward   the same forwards timed (warm-up/compile first, CUDA events, median), per-block times, peak memory
   rope      A/B of one compiled block: RoPE cos/sin computed once per forward (the package now) or in every block
-  gate35    35-step samples (guidance 7) through pipeline.generate at a reduced shape (--gate-*), bf16 and each FP8
+  gate35    35-step samples (guidance 7) through SamplingSession.sample at a reduced shape (--gate-*), bf16 and each FP8
             variant from the same seed: cosine similarity of the final latents to bf16's; gate >= 0.99
   sample    one whole 35-step sample at the full shape with --sample-variant (bf16 or an FP8 one), compiled, per step
 Variants: bf16 (the package), fp8 (FP8 GEMMs + cuDNN FP8 attention), fp8-gemm (FP8 GEMMs, bf16 attention),
@@ -530,9 +530,8 @@ def rope_ab(net, cfg, dev, dtype, shape, a, cond) -> dict:
 
 def gate35(net, cfg, dev, dtype, a, emulate, variants) -> dict:
     """35-step samples at a reduced shape (eager), one per variant from the same seed; cosine to the bf16 latent."""
-    from mvdit.inference.generate import generate
-
     shape = C.latent_shape(a.gate_views, a.gate_frames, a.gate_height, a.gate_width)
+    session = C.sampling_session(a.preset, a.gate_views, a.gate_frames, a.gate_height, a.gate_width, a.text_len, dev)
     _, cond, gt, text, cameras = make_inputs(cfg, shape, a.gate_views, a.text_len, dev, dtype, 0.0)
     out = {
         "latent": list(shape),
@@ -544,9 +543,7 @@ def gate35(net, cfg, dev, dtype, a, emulate, variants) -> dict:
         t0 = time.perf_counter()
         try:
             with Swap(net, name, emulate):
-                lat[name] = generate(
-                    net, gt, text, cameras, num_input_frames=9, steps=a.steps, guidance=7.0, seed=1, progress=False
-                )
+                lat[name] = session.sample(net, gt, text, 9, steps=a.steps, guidance=7.0, seed=1, fps=24.0)
             C.sync(dev)
             out[name] = {"s": time.perf_counter() - t0, "finite": bool(lat[name].isfinite().all())}
         except Exception as e:  # noqa: BLE001
@@ -563,8 +560,7 @@ def gate35(net, cfg, dev, dtype, a, emulate, variants) -> dict:
 
 def whole_sample(net, dev, gt, text, cameras, a, emulate, fl, res, save) -> dict:
     """One whole 35-step sample at the full shape with --sample-variant, compiled, timed per step."""
-    from mvdit.inference.generate import generate
-
+    session = C.sampling_session(a.preset, len(cameras), a.frames, a.height, a.width, a.text_len, dev)
     name = a.sample_variant
     cuda = dev.startswith("cuda")
     r = res["sample"] = {"variant": name, "steps": a.steps, "wall_at_step_s": []}
@@ -584,18 +580,7 @@ def whole_sample(net, dev, gt, text, cameras, a, emulate, fl, res, save) -> dict
                 e.record()
                 marks.append(e)
 
-        lat = generate(
-            net,
-            gt,
-            text,
-            cameras,
-            num_input_frames=9,
-            steps=a.steps,
-            guidance=7.0,
-            seed=1,
-            progress=False,
-            step_callback=mark,
-        )
+        lat = session.sample(net, gt, text, 9, steps=a.steps, guidance=7.0, seed=1, fps=24.0, step_callback=mark)
         C.sync(dev)
         r["wall_s"] = time.perf_counter() - t0
         r.update(C.mem_peak_gib(dev))

@@ -109,7 +109,7 @@ class SamplingSession:
 
     def sample(
         self,
-        model: DiffusionModel,
+        model: DiffusionModel | torch.nn.Module,
         gt: Tensor,
         text: Tensor,
         num_input_frames: int,
@@ -119,14 +119,17 @@ class SamplingSession:
         seed: int,
         fps: float,
         frame_repeat: float | None = None,
+        batch_guidance: bool | None = None,
         progress: bool = False,
+        step_callback=None,
     ) -> Tensor:
         """One sample (latent [1, 16, V*T, h, w], fp32) on every process, with the experiment's SDPA backend,
-        compat mode, frame-repeat value and guidance batching."""
+        compat mode, frame-repeat value and guidance batching (the benchmarks override the batching per variant and
+        pass a bare network with a per-step callback)."""
         inf = self.exp.infer
         with sdpa.backend(inf.sdpa_backend):
             return generate(
-                model.net,
+                getattr(model, "net", model),
                 gt,
                 text,
                 self.cameras,
@@ -137,8 +140,9 @@ class SamplingSession:
                 compat=inf.compat,
                 fps=fps,
                 frame_repeat=inf.frame_repeat if frame_repeat is None else frame_repeat,
-                batch_guidance=inf.batch_guidance,
+                batch_guidance=inf.batch_guidance if batch_guidance is None else batch_guidance,
                 progress=progress and self.main,
+                step_callback=step_callback,
             )
 
     def decode(self, latent: Tensor) -> Tensor:
