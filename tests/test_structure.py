@@ -137,3 +137,23 @@ def test_the_graph_sees_the_imports_it_checks():
     assert ("mvdit.inference.session", "mvdit.runtime.fp8") in e  # `from mvdit.runtime import fp8`
     assert ("mvdit.tiny.tokenizer", "mvdit.data.synthetic") in e
     assert len(e) > 60
+
+
+def test_every_data_file_of_the_package_is_installed():
+    """A non-editable install (pip install ., the conda envs) ships only .py files unless pyproject names the rest."""
+    import fnmatch
+    import tomllib
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    data = [
+        p for p in PKG.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts
+    ]
+    data = [p for p in data if ".egg-info" not in str(p)]
+    missing = [
+        str(p.relative_to(PKG.parent))
+        for p in data
+        if not any(
+            fnmatch.fnmatch(p.name, pat) for pat in declared.get(".".join(p.parent.relative_to(PKG.parent).parts), [])
+        )
+    ]
+    assert data and not missing, missing
