@@ -37,7 +37,7 @@ from mvdit.training import TrainError
 from mvdit.training.checkpointing import ckpt_name, load_checkpoint, prune_checkpoints, read_latest, save_checkpoint
 from mvdit.training.ema import AdapterEma, ema_beta, ema_gamma, update_ema
 from mvdit.training.loader import train_loader
-from mvdit.training.loss import LossConfig, draw_loss_randomness, training_loss
+from mvdit.training.loss import draw_loss_randomness, loss_config, training_loss
 from mvdit.training.optim import optimizer_and_schedule
 from mvdit.training.starting_point import initial_state_dict
 from mvdit.workflow.experiment import ExperimentError, load_experiment
@@ -205,7 +205,7 @@ def train(args: argparse.Namespace) -> int:
     )
     n_views = len(cfg.data.cameras)
     view_ids = torch.tensor(cfg.camera_indices, device=d.device)  # each camera keeps its view-embedding row
-    loss_cfg = LossConfig(text_dropout=t.text_dropout, max_cond_frames=t.max_cond_frames)
+    loss_cfg = loss_config(t)
     nan_at = {int(s) for s in args.debug_nan_at.split(",") if s}
     inf_at = {int(s) for s in args.debug_inf_at.split(",") if s}
     writer, log_path = open_logs(out, start, t.tensorboard, d.main)

@@ -4,9 +4,11 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from mvdit.training.ema import ema_beta, ema_gamma
+from mvdit.training.loss import LossConfig, draw_loss_randomness, loss_config
 from mvdit.training.optim import lr_multiplier
 from mvdit.workflow.experiment import (
     DataCfg,
@@ -40,6 +42,16 @@ def test_7b_example_has_upstreams_settings():
     assert t.lr == pytest.approx(2**-14.3) and t.betas == (0.9, 0.99) and t.eps == 1e-10
     assert t.weight_decay == 0.1 and t.warmup_steps == 2500 and t.ema_rate == 0.1
     assert d.source == "mock" and exp.model.preset == "7b-multiview" and exp.trains
+    assert loss_config(t) == LossConfig()  # upstream's noise levels, dropout and condition frames
+
+
+def test_the_demo_trains_lower_noise_levels_and_the_draws_follow():
+    t = load_experiment(ROOT / "experiments" / "tiny_demo.yaml").train
+    cfg = loss_config(t)
+    assert (cfg.p_mean, cfg.p_std) == (t.sigma_p_mean, t.sigma_p_std) == (-1.0, 1.4)
+    x0 = torch.zeros(4000, 1, 3, 1, 1)
+    log_sigma = draw_loss_randomness(x0, cfg, torch.Generator().manual_seed(0)).sigma.log()
+    assert abs(float(log_sigma.mean()) + 1.0) < 0.1 and abs(float(log_sigma.std()) - 1.4) < 0.1
 
 
 @pytest.mark.parametrize(

@@ -16,13 +16,21 @@ from mvdit.constants import LATENT_CHANNELS, SPATIAL_COMPRESSION, TEMPORAL_COMPR
 from mvdit.data.synthetic import clip_seed, render_clip
 
 # Tiny stand-in: a linear tokenizer fitted to the synthetic renderer when the tiny assets are built. The encoder
-# projects each 8x8 patch of pixel frame 0, and each 8x8x8 patch of frames 8j-7..8j, onto its 16 principal
-# components (PCA of rendered clips); the decoder is a least-squares map from the 3x3 neighbourhood of the current
-# latent frame and of the previous one to the patch's pixels. Causal both ways, like CV8x8x8: latent frame 0 sees
-# pixel frame 0 only, latent frame j sees frames <= 8j, and pixel frames of chunk j decode from latent frames <= j.
+# projects each 8x8 patch of pixel frame 0 onto its 16 principal components, and each 8x8x8 patch of frames 8j-7..8j,
+# less the decoded frame 8j-8 repeated, onto the 16 principal components of such changes (PCA of rendered clips); the
+# decoder maps the 3x3 neighbourhood of the current latent frame and of the previous one to the change (least squares)
+# and adds it to the frame it decoded last. Latents of "no change" thus decode to the last frame held still, and a
+# denoiser that learns nothing more than that already copies the input. Causal both ways, like CV8x8x8: latent frame
+# 0 sees pixel frame 0 only, latent frame j sees frames <= 8j, and pixel frames of chunk j decode from latent frames
+# <= j (the encoder runs the same recursion, closed loop, so that both add each change to the same picture).
 
 _TINY_STATS_FRAMES = 16  # latent-frame statistics stored; enough for pixel chunks up to 121 frames
-_TINY_FIT = dict(clips=6, frames=17, height=64, width=96, fps=10.0, supersample=2)  # the demo's clip format
+_TINY_FIT = dict(clips=12, frames=17, height=64, width=96, fps=10.0, supersample=2)  # the demo's clip format
+# Decoder regularisation: ridge (relative to the mean feature energy) and a within-chunk temporal filter
+# [a, 1 - 2a, a] folded into the decoder matrices (the least-squares residual is mostly frame-to-frame noise: without
+# them the round trip changes 1.5x as much from frame to frame as the clip does).
+_TINY_RIDGE = 1e-3
+_TINY_TEMPORAL_SMOOTH = 0.2
 _PATCH0 = 3 * SPATIAL_COMPRESSION**2  # one 8x8 RGB patch of pixel frame 0
 _PATCH = TEMPORAL_COMPRESSION * _PATCH0  # one 8x8x8 RGB patch of a later chunk
 
@@ -40,6 +48,12 @@ def _unpatch(p: torch.Tensor, t: int) -> torch.Tensor:
     return p.reshape(b, h, w, 3, t, 8, 8).permute(0, 3, 4, 1, 5, 2, 6).reshape(b, 3, t, h * 8, w * 8)
 
 
+def _repeat8(p: torch.Tensor) -> torch.Tensor:
+    """Patches of one frame [B, h, w, 3*64] -> the same frame repeated over a chunk [B, h, w, 3*8*64]."""
+    b, h, w, _ = p.shape
+    return p.reshape(b, h, w, 3, 1, 64).expand(b, h, w, 3, 8, 64).reshape(b, h, w, 3 * 8 * 64)
+
+
 def _neighbourhood(z: torch.Tensor) -> torch.Tensor:
     """Latent frame [B, 16, h, w] -> [B, h, w, 16*9 + 1]: the 3x3 neighbourhood (edges replicated) and a constant 1."""
     b, c, h, w = z.shape
@@ -49,42 +63,67 @@ def _neighbourhood(z: torch.Tensor) -> torch.Tensor:
 
 
 class _TinyEncoder(nn.Module):
-    """[B,3,1+8k,H,W] in [-1,1] -> ([B,16,1+k,H/8,W/8],). Latent frame 0 sees pixel frame 0 only (causal)."""
+    """[B,3,1+8k,H,W] in [-1,1] -> ([B,16,1+k,H/8,W/8],). Latent frame 0 sees pixel frame 0 only (causal).
 
-    def __init__(self, mean0: torch.Tensor, basis0: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor) -> None:
+    Latent frame j >= 1 encodes the change of frames 8j-7..8j from the decoded frame 8j-8 (closed loop: the encoder
+    runs the decoder's recursion, so both add the change to the same picture); it sees frames <= 8j only."""
+
+    def __init__(
+        self,
+        mean0: torch.Tensor,
+        basis0: torch.Tensor,
+        mean: torch.Tensor,
+        basis: torch.Tensor,
+        dec0: torch.Tensor,
+        dec1: torch.Tensor,
+        dec2: torch.Tensor,
+    ) -> None:
         super().__init__()
         self.register_buffer("mean0", mean0.float())  # [192]
         self.register_buffer("basis0", basis0.float())  # [192, 16]
         self.register_buffer("mean", mean.float())  # [1536]
         self.register_buffer("basis", basis.float())  # [1536, 16]
+        self.decoder = _TinyDecoder(dec0, dec1, dec2)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
         b, c, t, h, w = x.shape
         if c != 3 or (t - 1) % 8 != 0 or h % 8 != 0 or w % 8 != 0:
             raise ValueError("tiny encoder expects [B,3,1+8k,H,W] with H and W divisible by 8")
-        frames = [(_patches(x[:, :, :1]) - self.mean0) @ self.basis0]
+        z = ((_patches(x[:, :, :1]) - self.mean0) @ self.basis0).permute(0, 3, 1, 2)
+        frames = [z]
+        last = self.decoder.first(z)  # decoded pixel frame 0, [B, 3, 1, H, W]
         for j in range(1, 1 + (t - 1) // 8):
-            frames.append((_patches(x[:, :, 8 * j - 7 : 8 * j + 1]) - self.mean) @ self.basis)
-        return (torch.stack(frames, dim=1).permute(0, 4, 1, 2, 3).contiguous(),)
+            change = _patches(x[:, :, 8 * j - 7 : 8 * j + 1]) - _repeat8(_patches(last))
+            z_j = ((change - self.mean) @ self.basis).permute(0, 3, 1, 2)
+            last = self.decoder.chunk(z_j, frames[-1], last, j)[:, :, -1:]
+            frames.append(z_j)
+        return (torch.stack(frames, dim=2).contiguous(),)
 
 
 class _TinyDecoder(nn.Module):
-    """[B,16,1+k,h,w] -> [B,3,1+8k,8h,8w]; pixel frames of latent frame j from latent frames j and j-1 (causal)."""
+    """[B,16,1+k,h,w] -> [B,3,1+8k,8h,8w]; pixel frames of latent frame j >= 1: the decoded frame 8j-8 plus the change
+    decoded from latent frames j and j-1 (causal: pixel frames of chunk j from latent frames <= j)."""
 
     def __init__(self, dec0: torch.Tensor, dec1: torch.Tensor, dec2: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("dec0", dec0.float())  # [145, 192]: frame 0 from its own latent
-        self.register_buffer("dec1", dec1.float())  # [290, 1536]: chunk 1 from latent frames 1 and 0
-        self.register_buffer("dec2", dec2.float())  # [290, 1536]: chunk j >= 2 from latent frames j and j-1
+        self.register_buffer("dec1", dec1.float())  # [290, 1536]: change of chunk 1 from latent frames 1 and 0
+        self.register_buffer("dec2", dec2.float())  # [290, 1536]: change of chunk j >= 2 from latent frames j, j-1
+
+    def first(self, z0: torch.Tensor) -> torch.Tensor:
+        return _unpatch(_neighbourhood(z0) @ self.dec0, 1)
+
+    def chunk(self, z: torch.Tensor, z_prev: torch.Tensor, last: torch.Tensor, j: int) -> torch.Tensor:
+        feats = torch.cat([_neighbourhood(z), _neighbourhood(z_prev)], dim=-1)
+        return _unpatch(feats @ (self.dec1 if j == 1 else self.dec2), 8) + last
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         b, k, t, h, w = z.shape
         if k != 16:
             raise ValueError("tiny decoder expects 16 latent channels")
-        out = [_unpatch(_neighbourhood(z[:, :, 0]) @ self.dec0, 1)]
+        out = [self.first(z[:, :, 0])]
         for j in range(1, t):
-            feats = torch.cat([_neighbourhood(z[:, :, j]), _neighbourhood(z[:, :, j - 1])], dim=-1)
-            out.append(_unpatch(feats @ (self.dec1 if j == 1 else self.dec2), 8))
+            out.append(self.chunk(z[:, :, j], z[:, :, j - 1], out[-1][:, :, -1:], j))
         return torch.cat(out, dim=2)
 
 
@@ -125,20 +164,32 @@ def _fit_tiny_tokenizer(seed: int) -> dict[str, torch.Tensor]:
     p0 = _patches(video[:, :, :1])
     chunks = [_patches(video[:, :, 8 * j - 7 : 8 * j + 1]) for j in range(1, 1 + n_chunks)]
     mean0, basis0 = _pca(p0.reshape(-1, _PATCH0), LATENT_CHANNELS)
-    mean, basis = _pca(torch.cat(chunks).reshape(-1, _PATCH), LATENT_CHANNELS)
-    z = [((p0 - mean0) @ basis0).permute(0, 3, 1, 2)] + [((c - mean) @ basis).permute(0, 3, 1, 2) for c in chunks]
+    # The basis of the changes: PCA of each chunk minus the true frame before it.
+    changes = [c - _repeat8(_patches(video[:, :, 8 * j - 8 : 8 * j - 7])) for j, c in enumerate(chunks, 1)]
+    mean, basis = _pca(torch.cat(changes).reshape(-1, _PATCH), LATENT_CHANNELS)
 
     def lstsq(feats: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         a, y = feats.reshape(-1, feats.shape[-1]), target.reshape(-1, target.shape[-1])
-        ridge = 1e-6 * torch.eye(a.shape[1], dtype=a.dtype) * float((a * a).mean()) * len(a)
+        ridge = _TINY_RIDGE * torch.eye(a.shape[1], dtype=a.dtype) * float((a * a).mean()) * len(a)
         return torch.linalg.solve(a.T @ a + ridge, a.T @ y)
 
-    def pair(j: int) -> torch.Tensor:
-        return torch.cat([_neighbourhood(z[j]), _neighbourhood(z[j - 1])], dim=-1)
-
+    z = [((p0 - mean0) @ basis0).permute(0, 3, 1, 2)]
     dec0 = lstsq(_neighbourhood(z[0]), p0)
-    dec1 = lstsq(pair(1), chunks[0])
-    dec2 = lstsq(torch.cat([pair(j) for j in range(2, 1 + n_chunks)]), torch.cat(chunks[1:]))
+    last = _neighbourhood(z[0]) @ dec0  # decoded frame 0 as patches [N, h, w, 192]
+    decs = []
+    # Closed loop, chunk by chunk as the encoder runs: the change from the *decoded* previous frame, its latent, and
+    # a least-squares decoder of that change (dec1 for chunk 1, dec2 for chunk 2; the demo's clips have two).
+    for j, c in enumerate(chunks, 1):
+        change = c - _repeat8(last)
+        z.append(((change - mean) @ basis).permute(0, 3, 1, 2))
+        feats = torch.cat([_neighbourhood(z[j]), _neighbourhood(z[j - 1])], dim=-1)
+        dec = lstsq(feats, change)
+        if _TINY_TEMPORAL_SMOOTH:
+            dec = _smooth_in_time(dec, _TINY_TEMPORAL_SMOOTH)
+        decs.append(dec)
+        last = (feats @ dec + _repeat8(last)).reshape(*c.shape[:3], 3, TEMPORAL_COMPRESSION, -1)[..., -1, :]
+        last = last.reshape(*c.shape[:3], -1)
+    dec1, dec2 = decs[0], decs[-1]
     # Per channel, as the released statistics: frame 0 (one pixel frame) and the later chunks each have their own.
     std = torch.empty(1, LATENT_CHANNELS, _TINY_STATS_FRAMES, 1, 1, dtype=torch.float64)
     std[0, :, 0, 0, 0] = z[0].std(dim=(0, 2, 3))
@@ -149,14 +200,28 @@ def _fit_tiny_tokenizer(seed: int) -> dict[str, torch.Tensor]:
     )  # fmt: skip
 
 
+def _smooth_in_time(dec: torch.Tensor, a: float) -> torch.Tensor:
+    """Decoder [features, 3*8*64] -> the same followed by the filter [a, 1 - 2a, a] over the chunk's 8 frames
+    (ends replicated), applied to the output columns (ordered colour, frame, row, column)."""
+    t = TEMPORAL_COMPRESSION
+    filt = torch.zeros(t, t, dtype=dec.dtype)
+    for i in range(t):
+        filt[i, i] += 1 - 2 * a
+        filt[i, max(i - 1, 0)] += a
+        filt[i, min(i + 1, t - 1)] += a
+    w = dec.reshape(dec.shape[0], 3, t, -1)
+    return torch.einsum("st,fctp->fcsp", filt, w).reshape(dec.shape)
+
+
 def build_tiny_tokenizer(out_dir: Path, seed: int = 0) -> None:
     """Write a tiny CV8x8x8-compatible tokenizer fitted to the synthetic renderer (fit_tiny_tokenizer): encoder.jit,
     decoder.jit, mean_std.pt and config.json."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fit = fit_tiny_tokenizer(seed)
-    encoder = _TinyEncoder(fit["mean0"], fit["basis0"], fit["mean"], fit["basis"]).eval()
-    decoder = _TinyDecoder(fit["dec0"], fit["dec1"], fit["dec2"]).eval()
+    decs = fit["dec0"], fit["dec1"], fit["dec2"]
+    encoder = _TinyEncoder(fit["mean0"], fit["basis0"], fit["mean"], fit["basis"], *decs).eval()
+    decoder = _TinyDecoder(*decs).eval()
     with warnings.catch_warnings():
         # TorchScript is deprecated in torch, but it is the format of the released tokenizer.
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -166,12 +231,18 @@ def build_tiny_tokenizer(out_dir: Path, seed: int = 0) -> None:
     config = {
         "name": "tiny-cv8x8x8",
         "description": "linear stand-in for Cosmos-Tokenize1-CV8x8x8 fitted to the synthetic renderer: PCA encoder "
-        "per 8x8 patch of frame 0 and 8x8x8 patch of each later chunk, least-squares decoder from the 3x3 "
-        "neighbourhood of the current and previous latent frame",
+        "per 8x8 patch of frame 0, and of each later 8x8x8 chunk's change from the decoded frame before it (closed "
+        "loop); least-squares decoder of that change from the 3x3 neighbourhood of the current and previous latent "
+        "frame, with ridge and a within-chunk temporal filter",
         "latent_channels": LATENT_CHANNELS,
         "temporal_compression": TEMPORAL_COMPRESSION,
         "spatial_compression": SPATIAL_COMPRESSION,
-        "fit": {**_TINY_FIT, "scene_seeds": f"clip_seed({10_000 + seed}, i)"},
+        "fit": {
+            **_TINY_FIT,
+            "ridge": _TINY_RIDGE,
+            "temporal_smooth": _TINY_TEMPORAL_SMOOTH,
+            "scene_seeds": f"clip_seed({10_000 + seed}, i)",
+        },
         "mean_std_frames": _TINY_STATS_FRAMES,
         "seed": seed,
     }

@@ -19,6 +19,7 @@ from mvdit.model.edm import (
     train_denoise,
 )
 from mvdit.model.network import DiffusionModel
+from mvdit.workflow.experiment import TrainCfg
 
 
 @dataclass
@@ -41,6 +42,13 @@ class LossConfig:
     aug_p_std: float = 2.0
     max_cond_frames: int = 2  # n ~ U{0, ..., max_cond_frames}
     text_dropout: float = 0.2
+
+
+def loss_config(t: TrainCfg) -> LossConfig:
+    """The loss settings of an experiment's `train` section (upstream's 7B recipe unless the experiment says else)."""
+    return LossConfig(
+        p_mean=t.sigma_p_mean, p_std=t.sigma_p_std, text_dropout=t.text_dropout, max_cond_frames=t.max_cond_frames
+    )
 
 
 def lognormal_sigma(standard_normal: Tensor, mean: float, std: float) -> Tensor:

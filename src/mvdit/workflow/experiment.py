@@ -242,6 +242,8 @@ class TrainCfg:
     ema_rate: float
     text_dropout: float
     max_cond_frames: int
+    sigma_p_mean: float
+    sigma_p_std: float
     precision: str
     activation_checkpointing: str
     compile: bool
