@@ -191,8 +191,7 @@ def evaluate(args: argparse.Namespace) -> dict | None:
         "samples": n_samples,  # per clip and model; sample k of clip i has seed infer.seed + 1000 i + k
         "seed": inf.seed,
         "context_parallel": procs.world,
-        "sdpa_backend": session.describe()["sdpa_backend"],
-        "precision": session.describe()["precision"],
+        **{k: v for k, v in session.describe().items() if k in ("sdpa_backend", "precision")},
         "psnr_db": {k: float(np.mean(v)) for k, v in scores.items()},
         "psnr_db_per_clip": scores,
         "single_sample_metrics": {m: {k: float(np.mean(v)) for k, v in d.items() if v} for m, d in extra.items()},
