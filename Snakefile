@@ -2,11 +2,11 @@
 # checkpoints -> data + T5 embeddings -> torchrun post-training -> EMA copy -> inference per prompt set -> report.
 # Default: the tiny demo (CPU, minutes). The 7B experiment: --configfile experiments/video2world_multiview_7b_example.yaml
 # An experiment whose infer.checkpoint is not `post-trained` does not train: download (what is missing) -> infer -> report.
+import functools
 import re
 import sys
 from pathlib import Path
 
-import yaml
 from snakemake.utils import min_version, validate
 
 BASE = Path(workflow.basedir)  # scripts, prompts and assets live here; results/ and checkpoints/ in the workdir
@@ -14,6 +14,7 @@ SRC = BASE / "src"
 sys.path.insert(0, str(SRC))
 from mvdit.constants import DIT_REPO, T5_REPO, TOKENIZER_REPO
 from mvdit.workflow.experiment import RELEASE, SCHEMA_PATH, SCRATCH, Experiment, ExperimentError, check_files
+from mvdit.workflow.experiment import resolved_yaml
 from mvdit.workflow.experiment import validate as validate_experiment
 from mvdit.data.prompts import PromptSetError, load_prompt_sets, resolve_prompt_sets
 from mvdit.workflow.stale_locks import clear_stale_locks_if_main
@@ -44,7 +45,7 @@ PY = "python" if "conda" in str(workflow.deployment_settings.deployment_method).
 ENV = "envs/mvdit.yaml"
 RESOLVED = f"{R}/experiment.yaml"  # the validated config every script reads (written when it changes)
 Path(R).mkdir(parents=True, exist_ok=True)
-_text = yaml.safe_dump(E.to_dict(), sort_keys=False)
+_text = resolved_yaml(E)  # headed by the user's file, which the scripts' errors then name
 if not Path(RESOLVED).exists() or Path(RESOLVED).read_text() != _text:
     Path(RESOLVED).write_text(_text)
 
@@ -70,10 +71,16 @@ except PromptSetError as e:
     sys.exit(f"error: {e}")
 
 
+@functools.cache
+def prompt_sets_in(file) -> list:
+    """A prompt-set file parsed once per Snakemake run (a JSONL file holds many sets)."""
+    return load_prompt_sets(file, list(E.data.cameras), BASE, visual_root=BASE / INF.visual_root)
+
+
 def set_inputs(w) -> list[str]:
     """The clips or stills a prompt set conditions on: inputs of its infer job, so a missing one shows in the plan."""
     file, index = SETS[w.ps]
-    ps = load_prompt_sets(file, list(E.data.cameras), BASE, visual_root=BASE / INF.visual_root)[index]
+    ps = prompt_sets_in(file)[index]
     return [str(p) for p in (ps.input.values() if isinstance(ps.input, dict) else [ps.input])]
 
 

@@ -1,6 +1,7 @@
 """Experiment YAML validation: defaults, unknown keys, wrong types and impossible combinations are one-line errors."""
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from mvdit.workflow.experiment import (
     check_files,
     load_experiment,
     load_schema,
+    resolved_yaml,
     validate,
 )
 
@@ -123,6 +125,28 @@ def test_resolved_experiment_round_trips(tmp_path):
     p.write_text(yaml.safe_dump(exp.to_dict()))
     again = load_experiment(p)
     assert dataclasses.replace(again, source=exp.source) == exp
+
+
+def test_the_resolved_copy_names_the_users_file_in_errors(tmp_path):
+    user = tmp_path / "mine.yaml"
+    user.write_text(yaml.safe_dump({"name": "mine", "infer": {"checkpoint": "post-trained"}}))
+    exp = load_experiment(user)
+    resolved = tmp_path / "results/mine/experiment.yaml"
+    resolved.parent.mkdir(parents=True)
+    resolved.write_text(resolved_yaml(exp))
+    assert resolved.read_text().startswith(f"# resolved from {user} (edit that file, not this one)\n")
+    again = load_experiment(resolved)
+    assert again == exp and again.source == str(user)
+    # a later error (here a cross-field one, as a script would find it) points at the user's file
+    broken = yaml.safe_load(resolved.read_text())
+    broken["resources"] = {"train": {"nodes": 3}}
+    resolved.write_text(resolved.read_text().split("\n", 1)[0] + "\n" + yaml.safe_dump(broken))
+    with pytest.raises(ExperimentError, match=rf"^{re.escape(str(user))}: resources.train.nodes: 3 nodes"):
+        load_experiment(resolved)
+    # a file without the header (or with a look-alike first line) names itself
+    resolved.write_text("# resolved from somewhere\n" + yaml.safe_dump(broken))
+    with pytest.raises(ExperimentError, match=rf"^{re.escape(str(resolved))}: resources.train.nodes"):
+        load_experiment(resolved)
 
 
 @pytest.mark.parametrize(

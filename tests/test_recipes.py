@@ -200,8 +200,8 @@ def test_a_missing_iteration_lists_the_saved_ones(trained):
     _, r = run(work, "gone", export={"iteration": 3, "weights": "reg"})
     log = (work / "results/gone/logs/copy_ema.log").read_text().strip().splitlines()
     assert r.returncode != 0 and len(log) == 1, log
-    assert log[0] == (
-        "copy_ema.py: results/gone/experiment.yaml: export.iteration: iteration 3 has no reg weights in"
+    assert log[0] == (  # names the file the user edits, not the resolved copy in results/gone
+        f"copy_ema.py: {work / 'gone.yaml'}: export.iteration: iteration 3 has no reg weights in"
         " results/gone/train/checkpoints (saved: 6); set export.iteration to one of them or last"
     )
 

@@ -162,8 +162,27 @@ def check_files(exp: Experiment) -> None:
             )
 
 
+# The first line of the resolved experiment (results/<name>/experiment.yaml) that every script reads: it names the
+# file the user wrote, so that errors found later point at the file to edit, not at the generated copy.
+RESOLVED_HEADER = "# resolved from "
+
+
+def resolved_yaml(exp: Experiment) -> str:
+    """The validated, defaulted experiment as YAML, headed by the file it was resolved from."""
+    header = f"{RESOLVED_HEADER}{exp.source} (edit that file, not this one)\n"
+    return header + yaml.safe_dump(exp.to_dict(), sort_keys=False)
+
+
+def _origin(text: str, path: Path) -> str:
+    """The user's file a resolved experiment came from (its header), else the file itself."""
+    first = text.split("\n", 1)[0]
+    if first.startswith(RESOLVED_HEADER) and first.endswith(" (edit that file, not this one)"):
+        return first[len(RESOLVED_HEADER) : -len(" (edit that file, not this one)")]
+    return str(path)
+
+
 def load_experiment(path: str | Path) -> Experiment:
-    """Read, validate and default an experiment YAML file."""
+    """Read, validate and default an experiment YAML file. Errors in a resolved copy name the user's file."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -176,7 +195,8 @@ def load_experiment(path: str | Path) -> Experiment:
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ExperimentError(f"{path}:{where}: malformed YAML ({problem}); fix the syntax there") from e
-    return Experiment.from_config(validate(cfg, str(path)), str(path))
+    source = _origin(text, path)
+    return Experiment.from_config(validate(cfg, source), source)
 
 
 # ----------------------------------------------------------------------------------------------- the typed experiment
