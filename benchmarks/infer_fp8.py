@@ -322,6 +322,7 @@ def main(argv=None):
 
     stamps: list = []
 
+    @torch.compiler.disable  # a hook of a compiled block: traced, it recompiled per event until dynamo's limit
     def stamp(*_):
         if cuda:
             stamps.append(torch.cuda.Event(enable_timing=True))

@@ -104,9 +104,16 @@ def test_a_backend_that_missed_or_has_not_met_a_quality_gate_is_not_offered(fake
 
 
 def test_the_measured_gates_are_what_is_offered():
-    """benchmarks/results/infer_fp8_gemm_h100.json: row-wise FP8 GEMMs missed the per-forward error gate on an H100."""
+    """On an H100: row-wise FP8 GEMMs (infer_fp8_gemm_h100.json) and cuDNN FP8 attention (infer_fp8_attn_h100.json)
+    missed the per-forward error gate, so neither is offered."""
     res = json.loads((ROOT / "benchmarks/results/infer_fp8_gemm_h100.json").read_text())
     assert res["error_gate"]["fp8-gemm"]["pass"] is False and fp8.GATED["gemm:scaled_mm"] is False
+    res = json.loads((ROOT / "benchmarks/results/infer_fp8_attn_h100.json").read_text())
+    assert res["env"]["device_name"].startswith("NVIDIA H100")
+    gate = res["error_gate"]
+    assert gate["fp8-attn"]["pass"] is False and fp8.GATED["attention:cudnn"] is False
+    assert gate["fp8-gemm-tw"]["pass"] is False  # tensor-wise scales: never offered (Fp8Plan docstring)
+    assert all(gate[v]["ratio_to_bf16"] > 3 for v in ("fp8-attn", "fp8-gemm-tw", "fp8"))
 
 
 def test_transformer_engine_is_reported_but_not_used(fake_hopper):

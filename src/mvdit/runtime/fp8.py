@@ -29,10 +29,10 @@ FIX_EXTRA = "pip install 'mvdit[fp8]'"
 
 # The quality gates on an H100 (BENCHMARKS.md, FP8 section: per-forward error <= 3x bf16's against fp32, 35-step
 # latent cosine to bf16 >= 0.99): True passed, False missed, None not measured yet. Only a backend that passed is
-# offered; benchmarks/infer_fp8.py measures them all (require_gates=False). Measured on an H100 on 2026-12-07
-# (benchmarks/results/infer_fp8_gemm_h100.json): row-wise FP8 GEMMs give 4.2x bf16's per-forward error (gate: 3x) for
-# a 1.05x faster forward, so they are not offered; cuDNN FP8 attention has not run on a GPU yet.
-GATED: dict[str, bool | None] = {"gemm:scaled_mm": False, "attention:cudnn": None}
+# offered; benchmarks/infer_fp8.py measures them all (require_gates=False). Measured on an H100 on 2026-12-07: row-wise
+# FP8 GEMMs give 4.2x bf16's per-forward error for a 1.05x faster forward (benchmarks/results/infer_fp8_gemm_h100.json),
+# cuDNN FP8 attention 26.5x bf16's for a 1.29x faster forward (infer_fp8_attn_h100.json), so neither is offered.
+GATED: dict[str, bool | None] = {"gemm:scaled_mm": False, "attention:cudnn": False}
 
 
 def _gate_word(key: str) -> str:
@@ -281,8 +281,9 @@ def transformer_engine_version() -> str | None:
 def _probe_gemm(device: torch.device) -> None:
     x = torch.randn(64, 128, device=device, dtype=torch.bfloat16)
     lin = nn.Linear(128, 32, bias=False).to(device, torch.bfloat16)
-    y = Fp8Linear(lin)(x)
-    err = float((y.float() - lin(x).float()).norm() / lin(x).float().norm())
+    with torch.no_grad():
+        y, ref = Fp8Linear(lin)(x).float(), lin(x).float()
+    err = float((y - ref).norm() / ref.norm())
     if not err < 0.1:
         raise RuntimeError(f"_scaled_mm probe is off by {err:.3f}")
 
