@@ -1,6 +1,7 @@
 """Score predicted continuations of held-out clips: PSNR and SSIM of one sample per clip (the headline) and of the
-mean of N samples, for the post-trained model, the model it started from, a copy-last-frame baseline and the
-tokenizer's own reconstruction (the ceiling), with temporal and cross-view consistency; optionally a sheet of ground
+mean of N samples, for the post-trained model, the model it started from, two baselines without a model (copy the
+last input frame; the tokenizer's own continuation: the input's latent frames followed by mean latents, decoded) and
+the tokenizer's reconstruction (the ceiling), with temporal and cross-view consistency; optionally a sheet of ground
 truth beside the post-trained sample for every held-out clip.
 
 Example (R=results/tiny_demo): python src/evaluate.py --experiment experiments/tiny_demo.yaml \
@@ -27,6 +28,7 @@ from mvdit.data.video_io import from_model_pixels
 from mvdit.encoders.tokenizer import TokenizerLoadError
 from mvdit.inference.metrics import cross_view_consistency, psnr, ssim, temporal_consistency
 from mvdit.inference.session import SamplingSession
+from mvdit.model.edm import num_condition_latent_frames
 from mvdit.runtime import context_parallel
 from mvdit.runtime.console import say
 from mvdit.workflow.experiment import ExperimentError, load_experiment
@@ -67,7 +69,8 @@ def main(argv=None) -> int:
     p = metrics["psnr_db"]
     say(
         f"PSNR of predicted frames, one sample: post-trained {p['post_trained_single_sample']:.2f} dB, untrained "
-        f"{p['untrained_single_sample']:.2f} dB, copy-last-frame {p['copy_last_frame']:.2f} dB, tokenizer ceiling "
+        f"{p['untrained_single_sample']:.2f} dB, copy-last-frame {p['copy_last_frame']:.2f} dB, tokenizer continuation "
+        f"{p['tokenizer_continuation']:.2f} dB, tokenizer ceiling "
         f"{p['tokenizer_ceiling']:.2f} dB; mean of {metrics['samples']}: post-trained {p['post_trained']:.2f} dB"
     )
     return 0
@@ -99,7 +102,9 @@ def write_sheet(path: Path, sheets: list[dict], metrics: dict, n_cols: int = 9) 
         ax.set_title(
             f"held-out {sheet['name']} (frames >= {metrics['num_input_frames']} predicted), PSNR of one sample: "
             f"post-trained {per_clip['post_trained_single_sample'][i]:.2f} dB, copy-last-frame "
-            f"{per_clip['copy_last_frame'][i]:.2f} dB, untrained {per_clip['untrained_single_sample'][i]:.2f} dB",
+            f"{per_clip['copy_last_frame'][i]:.2f} dB, tokenizer continuation "
+            f"{per_clip['tokenizer_continuation'][i]:.2f} dB, "
+            f"untrained {per_clip['untrained_single_sample'][i]:.2f} dB",
             fontsize=8,
         )
     fig.tight_layout()
@@ -124,10 +129,11 @@ def evaluate(args: argparse.Namespace) -> dict | None:
         raise ValueError(f"{args.data_manifest}: no held-out clips to evaluate (set data.held_out > 0)")
     models = {"post_trained": session.load(args.trained), "untrained": session.load(args.baseline)}
     n_samples = inf.eval_samples if args.samples is None else args.samples
-    keys = [*models, *(f"{m}_single_sample" for m in models), "copy_last_frame", "tokenizer_ceiling"]
+    baselines = ["copy_last_frame", "tokenizer_continuation", "tokenizer_ceiling"]
+    keys = [*models, *(f"{m}_single_sample" for m in models), *baselines]
     scores: dict[str, list[float]] = {k: [] for k in keys}
     # single-sample video metrics: SSIM of the predicted frames, temporal and cross-view consistency
-    methods = [*models, "copy_last_frame", "tokenizer_ceiling", "ground_truth"]
+    methods = [*models, *baselines, "ground_truth"]
     extra = {m: {"ssim": [], "temporal_consistency": [], "cross_view_matches": []} for m in methods}
     sheets = []
     for i in range(n_clips):
@@ -144,14 +150,21 @@ def evaluate(args: argparse.Namespace) -> dict | None:
             truth = {c: from_model_pixels(views[:, v]) for v, c in enumerate(cameras)}
             recon = recon.float().reshape(views.shape).clamp(-1, 1)
             copied = torch.cat([views[:, :, :n_in], views[:, :, n_in - 1 : n_in].expand_as(target)], dim=2)
-            for name, pred in (("tokenizer_ceiling", recon), ("copy_last_frame", copied)):
+        gt = session.encode(cond_video)
+        if procs.main:
+            # What the tokenizer continues by itself: the input's latent frames, then the mean latent (0 in the
+            # normalised space the model samples in), decoded. A model's sample must beat this to add anything.
+            per_view = gt.reshape(*gt.shape[:2], len(cameras), -1, *gt.shape[-2:]).clone()
+            per_view[:, :, :, min(num_condition_latent_frames(n_in, inf.compat), per_view.shape[3]) :] = 0
+            continued = session.decode(per_view.reshape(gt.shape)).reshape(views.shape).clamp(-1, 1)
+            pairs = (("tokenizer_ceiling", recon), ("copy_last_frame", copied), ("tokenizer_continuation", continued))
+            for name, pred in pairs:
                 scores[name].append(psnr(pred[:, :, n_in:], target))
                 extra[name]["ssim"].append(ssim(pred[:, :, n_in:], target))
                 frames = {c: from_model_pixels(pred[:, v]) for v, c in enumerate(cameras)}
                 extra[name]["temporal_consistency"].append(
                     float(np.mean([temporal_consistency(frames[c], truth[c]) for c in cameras]))
                 )
-        gt = session.encode(cond_video)
         text = item["t5_text_embeddings"][None].to(dev, dtype)  # the same files on every process
         for name, model in models.items():
             pix = 0
@@ -180,6 +193,7 @@ def evaluate(args: argparse.Namespace) -> dict | None:
     if not procs.main:
         return None
     single, copied = np.array(scores["post_trained_single_sample"]), np.array(scores["copy_last_frame"])
+    continued = np.array(scores["tokenizer_continuation"])
     return {
         "experiment": cfg.name,
         "trained": str(args.trained),
@@ -199,7 +213,9 @@ def evaluate(args: argparse.Namespace) -> dict | None:
         # the headline: one sample (not the mean of N, which PSNR rewards for blurring) against the baselines
         "single_sample_margin_over_copy_last_frame_db": float(np.mean(single - copied)),
         "single_sample_beats_copy_last_frame_on_every_clip": bool((single > copied).all()),
+        "single_sample_margin_over_tokenizer_continuation_db": float(np.mean(single - continued)),
         "beats_baselines": bool(single.mean() > max(np.mean(scores["untrained_single_sample"]), copied.mean())),
+        "beats_tokenizer_continuation": bool(single.mean() > continued.mean()),
         "_sheets": sheets,  # popped by main
     }
 

@@ -50,8 +50,8 @@ def plot_losses(log: list[dict], path: Path, title: str) -> None:
 
 
 def plot_psnr_per_clip(ev: dict, path: Path, title: str) -> None:
-    """Held-out PSNR per clip: one sample of the post-trained and the untrained model against copy-last-frame and
-    the tokenizer ceiling; the mean of N post-trained samples as open markers."""
+    """Held-out PSNR per clip: one sample of the post-trained and the untrained model against copy-last-frame, the
+    tokenizer's own continuation and the tokenizer ceiling; the mean of N post-trained samples as open markers."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -65,6 +65,7 @@ def plot_psnr_per_clip(ev: dict, path: Path, title: str) -> None:
         ("post_trained_single_sample", "post-trained, one sample", "C0", "o", "-"),
         ("post_trained", f"post-trained, mean of {ev.get('samples', 'N')} samples", "C0", "o", "none"),
         ("copy_last_frame", "copy the last input frame", "C1", "s", "-"),
+        ("tokenizer_continuation", "tokenizer's own continuation (no model)", "C2", "D", "-"),
         ("untrained_single_sample", "untrained, one sample", "C3", "v", "-"),
     )
     for key, label, colour, marker, line in series:

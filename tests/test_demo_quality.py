@@ -1,7 +1,7 @@
 """The demo's quality claims at the size a test can run: a reduced demo (fixed seeds, the demo's clip format, model
-and tokenizer) post-trains a model whose single sample is far above the untrained model's on held-out clips, and the
-tokenizer's round trip of those clips stays above 30 dB. (The single sample does not yet beat copy-last-frame at any
-size the 2-core budget allows: issue #20; the evaluation reports both.)"""
+and tokenizer) post-trains a model whose single sample beats both copy-last-frame and the untrained model on every
+held-out clip by margins that sample-to-sample noise does not explain, with smooth motion and an SSIM far above the
+untrained model's; the tokenizer's round trip of those clips stays above 30 dB."""
 
 import json
 
@@ -20,8 +20,8 @@ REDUCED = {
 
 
 @pytest.mark.slow
-def test_reduced_demo_single_sample_beats_the_untrained_model_below_the_tokenizer_ceiling(tmp_path):
-    """What holds at this size; one sample does not yet beat copy-last-frame (issue #20), so that is not asserted."""
+def test_reduced_demo_single_sample_beats_copy_last_and_the_untrained_model(tmp_path):
+    """About 100 s on 2 cores (2026-12-07: 102 s for the snakemake run, tiny assets built from scratch)."""
     cfg = merged(yaml.safe_load((ROOT / "experiments/tiny_demo.yaml").read_text()), REDUCED)
     exp = tmp_path / "ci_quality.yaml"
     exp.write_text(yaml.safe_dump(cfg))
@@ -30,13 +30,24 @@ def test_reduced_demo_single_sample_beats_the_untrained_model_below_the_tokenize
     ev = json.loads((tmp_path / "results/ci_quality/report/eval.json").read_text())
     clip = ev["psnr_db_per_clip"]
     single = np.array(clip["post_trained_single_sample"])
-    # Measured at this size (2026-12-07, the change-coding tokenizer): one sample 17.6 / 16.4 dB against the untrained
-    # 11.2 / 10.8 dB (copy-last 19.6 / 18.6), SSIM 0.38 against 0.08, temporal consistency 1.18 against 3.66; the
-    # thresholds leave room for other torch builds.
-    untrained = np.array(clip["untrained_single_sample"])
-    assert (single > untrained + 1.5).all() and single.mean() > untrained.mean() + 4.0, clip
+    copied, untrained = np.array(clip["copy_last_frame"]), np.array(clip["untrained_single_sample"])
+    # Measured at this size (2026-12-07, docs/demo-tuning-2026-12-07-b.md): one sample 26.88 / 26.07 dB against
+    # copy-last 22.82 / 23.25 dB and the untrained model 23.74 / 23.01 dB. The margins (2.8-4.1 dB) are far above what
+    # one sample's luck moves: the mean of the 2 samples is only 0.3-0.7 dB above the single one. SSIM 0.892 against
+    # the untrained 0.798 (copy-last 0.893: level at this size, ahead only in the full demo), temporal consistency
+    # 0.98 against 1.35. The thresholds leave room for other torch builds.
+    assert (single > copied + 1.5).all() and single.mean() > copied.mean() + 2.0, clip
+    assert (single > untrained + 1.5).all() and single.mean() > untrained.mean() + 2.0, clip
     assert (single < np.array(clip["tokenizer_ceiling"])).all(), clip
     assert (np.array(clip["tokenizer_ceiling"]) >= 30.0).all(), clip
+    assert ev["single_sample_beats_copy_last_frame_on_every_clip"] and ev["beats_baselines"]
+    # Reported, not claimed: the tokenizer's own continuation (zero latents after the input's) is the baseline a
+    # model must beat to add anything; the full demo's sample does not yet (README "The demo").
+    continued = np.array(clip["tokenizer_continuation"])
+    assert (continued < np.array(clip["tokenizer_ceiling"])).all(), clip
+    assert ev["single_sample_margin_over_tokenizer_continuation_db"] == pytest.approx(np.mean(single - continued))
     ss = ev["single_sample_metrics"]
     assert ss["post_trained"]["ssim"] > ss["untrained"]["ssim"] + 0.05
-    assert ss["post_trained"]["temporal_consistency"] < ss["untrained"]["temporal_consistency"] / 2
+    assert ss["post_trained"]["ssim"] > ss["copy_last_frame"]["ssim"] - 0.03
+    assert 0.7 <= ss["post_trained"]["temporal_consistency"] <= 1.3
+    assert ss["post_trained"]["temporal_consistency"] < ss["untrained"]["temporal_consistency"]

@@ -47,13 +47,18 @@ def test_7b_example_has_upstreams_settings():
     assert loss_config(t) == LossConfig()  # upstream's noise levels, dropout and condition frames
 
 
-def test_the_demo_trains_lower_noise_levels_and_the_draws_follow():
+def test_the_demo_trains_its_own_noise_levels_and_condition_frames_and_the_draws_follow():
     t = load_experiment(ROOT / "experiments" / "tiny_demo.yaml").train
     cfg = loss_config(t)
-    assert (cfg.p_mean, cfg.p_std) == (t.sigma_p_mean, t.sigma_p_std) == (-1.0, 1.4)
+    assert (cfg.p_mean, cfg.p_std) == (t.sigma_p_mean, t.sigma_p_std) == (0.5, 1.5)
+    assert (cfg.min_cond_frames, cfg.max_cond_frames) == (t.min_cond_frames, t.max_cond_frames) == (2, 2)
     x0 = torch.zeros(4000, 1, 3, 1, 1)
     log_sigma = draw_loss_randomness(x0, cfg, torch.Generator().manual_seed(0)).sigma.log()
-    assert abs(float(log_sigma.mean()) + 1.0) < 0.1 and abs(float(log_sigma.std()) - 1.4) < 0.1
+    assert abs(float(log_sigma.mean()) - 0.5) < 0.1 and abs(float(log_sigma.std()) - 1.5) < 0.1
+    gen = torch.Generator().manual_seed(0)
+    assert {draw_loss_randomness(x0[:1], cfg, gen).n_cond for _ in range(20)} == {2}
+    upstream = LossConfig()  # U{0, 1, 2}
+    assert {draw_loss_randomness(x0[:1], upstream, gen).n_cond for _ in range(60)} == {0, 1, 2}
 
 
 @pytest.mark.parametrize(
@@ -68,6 +73,7 @@ def test_the_demo_trains_lower_noise_levels_and_the_draws_follow():
         ({"train": {"nproc": 2}, "resources": {"train": {"gpus": 4}}}, "resources.train.gpus"),
         ({"data": {"source": "real"}}, "data.root"),
         ({"infer": {"num_input_frames": 5}}, "infer.num_input_frames"),
+        ({"train": {"min_cond_frames": 3, "max_cond_frames": 2}}, "train.min_cond_frames: 3 exceeds"),
         ({"model": {"overrides": {"wings": 2}}}, "model.overrides"),
         ({"model": {"compat": "head"}}, "model.compat has moved to infer.compat"),
         ({"export": {"iteration": 300}}, "export.iteration: 300 is not an iteration training saves (last, or one of"),

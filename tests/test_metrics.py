@@ -36,7 +36,8 @@ def test_temporal_consistency_of_real_frozen_and_flickering_video():
 
 
 def test_cross_view_consistency_prefers_one_scene_over_noise_and_shuffled_cameras():
-    views = dict(zip(CAMERAS, render_clip(3, 5, 96, 160), strict=True))
+    # the renderer's earlier 1.5 px lens blur: the demo's 3.5 px leaves too few corners to match at this size
+    views = dict(zip(CAMERAS, render_clip(3, 5, 96, 160, lens_blur=1.5), strict=True))
     rng = np.random.default_rng(0)
     noise = {c: rng.integers(0, 255, size=v.shape, dtype=np.uint8) for c, v in views.items()}
     shuffled = {c: views[CAMERAS[(i + 2) % 6]] for i, c in enumerate(CAMERAS)}

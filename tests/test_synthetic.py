@@ -78,7 +78,9 @@ def test_single_object_crosses_views_over_time():
     # A red pillar 10 m ahead and 7 m right of the car: in the wedge shared by front and right.
     pillar = SceneObject("box", s=10.0, d=LANE_OFFSET - 7.0, length=1.0, width=1.0, height=3.0, colour="red")
     scene = Scene(weather="clear", speed=12.0, objects=[pillar])
-    clip = render_scene(scene, 61, H, W, fps=24)  # 2.5 s: the car moves 30 m, the pillar ends 20 m behind
+    # 2.5 s: the car moves 30 m, the pillar ends 20 m behind (a light lens blur: this tests geometry, not the optics,
+    # and the demo's blur spreads the pillar's red below _red's threshold)
+    clip = render_scene(scene, 61, H, W, fps=24, lens_blur=1.5)
     front, right = CAMERAS.index("front"), CAMERAS.index("right")
     red0 = {c: _red(clip[i, 0]) for i, c in enumerate(CAMERAS)}
     assert red0["front"].any() and red0["right"].any()
@@ -123,10 +125,12 @@ def test_make_synthetic_dataset_layout(tmp_path):
 
 def test_motion_is_visible_between_consecutive_frames_at_the_demo_format():
     """At the demo's 10 fps and 64x96 every camera changes visibly from frame to frame (ego-motion plus traffic),
-    not only over the whole clip: the predicted frames have something to predict."""
+    not only over the whole clip: the predicted frames have something to predict. (The demo's lens blur, 3.5 px,
+    softens edges: measured 2026-12-07, the smallest mean step is 0.87 grey levels (1.23 with the earlier 1.5 px), and
+    within 0.4 s 0.8-31 % of a view's pixels change by more than 20 levels, the least in the slow back views.)"""
     for seed in (0, 1):
         clip = render_clip(seed, 9, 64, 96, fps=10, supersample=1).astype(int)
         step = np.abs(np.diff(clip, axis=1)).mean(axis=(2, 3, 4))  # [V, T-1], grey levels
-        assert (step > 1.0).all(), (seed, step.min(axis=1))
-        moved = (np.abs(np.diff(clip, axis=1)).max(axis=-1) > 20).mean(axis=(2, 3))  # share of pixels that jumped
-        assert (moved > 0.01).all(), (seed, moved.min(axis=1))
+        assert (step > 0.75).all(), (seed, step.min(axis=1))
+        moved = (np.abs(clip[:, 4:] - clip[:, :-4]).max(axis=-1) > 20).mean(axis=(2, 3))  # share that changed in 0.4 s
+        assert (moved > 0.005).all(), (seed, moved.min(axis=1))

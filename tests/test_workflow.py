@@ -171,6 +171,8 @@ def test_tiny_demo_runs_end_to_end(tmp_path):
     assert metrics["train"]["iterations"] == 24 and np.isfinite(metrics["train"]["final_loss_mean_last_10pct"])
     psnr = metrics["held_out"]["psnr_db"]
     assert all(np.isfinite(v) and 0 < v < 60 for v in psnr.values())
+    # the baselines without a model: copy-last-frame and the tokenizer's own continuation (below its round trip)
+    assert psnr["tokenizer_continuation"] < psnr["tokenizer_ceiling"] and "copy_last_frame" in psnr
     assert (res / "report/loss.png").stat().st_size > 1000
     ckpts = tmp_path / "results/ci_demo/train/checkpoints"
     assert (ckpts / "latest_checkpoint.txt").read_text().strip() == "iter_000000024.pt"

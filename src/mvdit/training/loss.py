@@ -40,14 +40,19 @@ class LossConfig:
     p_std: float = 1.0
     aug_p_mean: float = -3.0  # ln sigma_aug ~ N(aug_p_mean, aug_p_std^2)
     aug_p_std: float = 2.0
-    max_cond_frames: int = 2  # n ~ U{0, ..., max_cond_frames}
+    max_cond_frames: int = 2  # n ~ U{min_cond_frames, ..., max_cond_frames}
+    min_cond_frames: int = 0
     text_dropout: float = 0.2
 
 
 def loss_config(t: TrainCfg) -> LossConfig:
     """The loss settings of an experiment's `train` section (upstream's 7B recipe unless the experiment says else)."""
     return LossConfig(
-        p_mean=t.sigma_p_mean, p_std=t.sigma_p_std, text_dropout=t.text_dropout, max_cond_frames=t.max_cond_frames
+        p_mean=t.sigma_p_mean,
+        p_std=t.sigma_p_std,
+        text_dropout=t.text_dropout,
+        max_cond_frames=t.max_cond_frames,
+        min_cond_frames=t.min_cond_frames,
     )
 
 
@@ -63,7 +68,7 @@ def draw_loss_randomness(
     b, dev = x0.shape[0], x0.device
     text_keep = (torch.rand(b, generator=generator, device=dev) >= cfg.text_dropout).float()
     top = cfg.max_cond_frames if max_cond is None else max_cond
-    n_cond = int(torch.randint(0, top + 1, (1,), generator=generator, device=dev))
+    n_cond = int(torch.randint(min(cfg.min_cond_frames, top), top + 1, (1,), generator=generator, device=dev))
     epsilon = torch.randn(x0.shape, generator=generator, device=dev, dtype=torch.float32)
     sigma = lognormal_sigma(torch.randn(b, generator=generator, device=dev, dtype=torch.float64), cfg.p_mean, cfg.p_std)
     aug_z = torch.randn(b, generator=generator, device=dev, dtype=torch.float64)

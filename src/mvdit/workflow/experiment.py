@@ -101,6 +101,8 @@ def check_combinations(cfg: dict, source: str) -> None:
     latent_t = latent_frames(d["num_frames"])
     if t["max_cond_frames"] > latent_t:
         fail("train.max_cond_frames", f"{t['max_cond_frames']} exceeds the {latent_t} latent frames per view")
+    if t["min_cond_frames"] > t["max_cond_frames"]:
+        fail("train.min_cond_frames", f"{t['min_cond_frames']} exceeds train.max_cond_frames={t['max_cond_frames']}")
     if i["num_input_frames"] > d["num_frames"]:
         fail("infer.num_input_frames", f"{i['num_input_frames']} exceeds data.num_frames={d['num_frames']}")
     try:
@@ -262,6 +264,7 @@ class TrainCfg:
     ema_rate: float
     text_dropout: float
     max_cond_frames: int
+    min_cond_frames: int
     sigma_p_mean: float
     sigma_p_std: float
     precision: str
