@@ -181,7 +181,6 @@ def make_scene(seed: int) -> Scene:
     side views within a second); traffic that would appear from nowhere is rare: at most one car ahead (at the
     car's speed) and one oncoming car.
     """
-    speed = EGO_SPEED
     rng = np.random.default_rng(seed)
     weather = str(rng.choice(list(_WEATHER)))
     ground = "snow" if weather == "snowy" else str(rng.choice(["grass", "grass", "sand"]))
@@ -194,7 +193,7 @@ def make_scene(seed: int) -> Scene:
         weather=weather,
         ground=ground,
         curvature=curvature,
-        speed=speed,
+        speed=EGO_SPEED,
         marking=str(rng.choice(["white", "yellow"])),
         sun_azimuth=float(rng.uniform(0, 2 * math.pi)),
         sun_elevation=float(elevation),
@@ -202,30 +201,27 @@ def make_scene(seed: int) -> Scene:
         cloud_phase=tuple(float(p) for p in rng.uniform(0, 2 * math.pi, 3)),
     )
     s_lo, s_hi = -100.0, 220.0
-    post_gap = POST_GAP
-    tree_gap = TREE_GAP
-    bld_gap = BUILDING_GAP
     for side, sign in (("left", 1.0), ("right", -1.0)):
         kinds = str(rng.choice(["trees", "posts", "buildings", "trees and posts", "buildings and trees"]))
         facts = []
         if "posts" in kinds:
             colour = str(rng.choice(["red", "white", "yellow", "orange"]))
             facts.append(f"{colour} posts")
-            for s in np.arange(s_lo + rng.uniform(0, post_gap), s_hi, post_gap):
+            for s in np.arange(s_lo + rng.uniform(0, POST_GAP), s_hi, POST_GAP):
                 scene.objects.append(SceneObject("post", s, sign * (ROAD_HALF_WIDTH + 1.0), 0.2, 0.2, 1.1, colour))
         if "trees" in kinds:
             facts.append("trees")
             h = rng.uniform(5, 8)
             crown = rng.uniform(3.0, 4.5)
             d = sign * (ROAD_HALF_WIDTH + 5.0)
-            for s in np.arange(s_lo + rng.uniform(0, tree_gap), s_hi, tree_gap):
+            for s in np.arange(s_lo + rng.uniform(0, TREE_GAP), s_hi, TREE_GAP):
                 scene.objects.append(SceneObject("tree", s, d, crown, crown, h, "green"))
         if "buildings" in kinds:
             colour = str(rng.choice(["grey", "beige", "brick", "white"]))
             facts.append(f"{colour} buildings")
             depth, length, height = 10.0, rng.uniform(12, 18), rng.uniform(8, 14)
             d = sign * (18.0 + depth / 2)
-            for s in np.arange(s_lo + rng.uniform(0, bld_gap), s_hi, bld_gap):
+            for s in np.arange(s_lo + rng.uniform(0, BUILDING_GAP), s_hi, BUILDING_GAP):
                 scene.objects.append(SceneObject("building", s, d, length, depth, height, colour))
         scene.sides[side] = " and ".join(facts)
     car_colours = ["red", "blue", "white", "black", "silver", "green", "yellow"]
@@ -233,11 +229,11 @@ def make_scene(seed: int) -> Scene:
     if rng.random() < 0.5:
         c = str(rng.choice(car_colours))
         traffic["ahead"].append(c)
-        scene.objects.append(SceneObject("car", rng.uniform(12, 30), LANE_OFFSET, 4.5, 1.8, 1.5, c, speed))
+        scene.objects.append(SceneObject("car", rng.uniform(12, 30), LANE_OFFSET, 4.5, 1.8, 1.5, c, EGO_SPEED))
     if rng.random() < 0.3:
         c = str(rng.choice(car_colours))
         traffic["oncoming"].append(c)
-        scene.objects.append(SceneObject("car", rng.uniform(40, 80), -LANE_OFFSET, 4.5, 1.8, 1.5, c, -speed))
+        scene.objects.append(SceneObject("car", rng.uniform(40, 80), -LANE_OFFSET, 4.5, 1.8, 1.5, c, -EGO_SPEED))
     scene.sides.update({k: ",".join(v) for k, v in traffic.items()})
     return scene
 

@@ -189,9 +189,8 @@ def _fit_tiny_tokenizer(seed: int) -> dict[str, torch.Tensor]:
     p0 = _patches(video[:, :, :1])
     chunks = [_patches(video[:, :, 8 * j - 7 : 8 * j + 1]) for j in range(1, 1 + n_chunks)]
     mean0, basis0 = _pca(p0.reshape(-1, _PATCH0), LATENT_CHANNELS)
-    # The basis of the changes: PCA of each chunk minus the true frame before it.
-    changes = [c - _repeat8(_patches(video[:, :, 8 * j - 8 : 8 * j - 7])) for j, c in enumerate(chunks, 1)]
-    mean, basis = _pca(changes[0].reshape(-1, _PATCH), LATENT_CHANNELS)
+    # The basis of the changes: PCA of chunk 1 minus the true frame 0 (chunk 2 has its own basis, below).
+    mean, basis = _pca((chunks[0] - _repeat8(p0)).reshape(-1, _PATCH), LATENT_CHANNELS)
 
     def lstsq(feats: torch.Tensor, target: torch.Tensor, own_ridge: float = _TINY_RIDGE) -> torch.Tensor:
         """Ridge least squares; own_ridge on the first 145 features (the 3x3 neighbourhood of the coded frame)."""
@@ -200,6 +199,10 @@ def _fit_tiny_tokenizer(seed: int) -> dict[str, torch.Tensor]:
         diag[: 9 * LATENT_CHANNELS + 1] = own_ridge
         ridge = torch.diag(diag) * float((a * a).mean()) * len(a)
         return torch.linalg.solve(a.T @ a + ridge, a.T @ y)
+
+    def chunk_decoder(feats: torch.Tensor, change: torch.Tensor, own_ridge: float) -> torch.Tensor:
+        dec = lstsq(feats, change, own_ridge)
+        return _smooth_in_time(dec, _TINY_TEMPORAL_SMOOTH) if _TINY_TEMPORAL_SMOOTH else dec
 
     z = [((p0 - mean0) @ basis0).permute(0, 3, 1, 2)]
     dec0 = lstsq(_neighbourhood(z[0]), p0)
@@ -221,19 +224,14 @@ def _fit_tiny_tokenizer(seed: int) -> dict[str, torch.Tensor]:
                 mean2, basis2 = _pca((change - prev @ pred2).reshape(-1, _PATCH), LATENT_CHANNELS)
             z.append(((change - prev @ pred2 - mean2) @ basis2).permute(0, 3, 1, 2))
             feats = torch.cat([_neighbourhood(z[j]), prev], dim=-1)
-        dec = lstsq(feats, change, _TINY_RIDGE if j == 1 else _TINY_RESIDUAL_RIDGE)
-        if _TINY_TEMPORAL_SMOOTH:
-            dec = _smooth_in_time(dec, _TINY_TEMPORAL_SMOOTH)
+        dec = chunk_decoder(feats, change, _TINY_RIDGE if j == 1 else _TINY_RESIDUAL_RIDGE)
         decs.append(dec)
         last = (feats @ dec + _repeat8(last)).reshape(*c.shape[:3], 3, TEMPORAL_COMPRESSION, -1)[..., -1, :]
         last = last.reshape(*c.shape[:3], -1)
     dec1, dec2 = decs[0], decs[-1]
     # Chunks j >= 3 (longer clips than the fit's): change-coded as chunk 1, decoded from their own latent frame only
     # (a predictor fitted on chunk 2 would read latents of another kind there, and its recursion drifts).
-    z1_feats = _neighbourhood(z[1])
-    dec3 = lstsq(z1_feats, changes1_closed)
-    if _TINY_TEMPORAL_SMOOTH:
-        dec3 = _smooth_in_time(dec3, _TINY_TEMPORAL_SMOOTH)
+    dec3 = chunk_decoder(_neighbourhood(z[1]), changes1_closed, _TINY_RIDGE)
     # Per channel, as the released statistics: frame 0 (one pixel frame) and the later chunks each have their own.
     std = torch.empty(1, LATENT_CHANNELS, _TINY_STATS_FRAMES, 1, 1, dtype=torch.float64)
     std[0, :, 0, 0, 0] = z[0].std(dim=(0, 2, 3))
