@@ -13,7 +13,8 @@ Phases (--phases, comma-separated; each writes into the JSON as it ends):
   sample    one whole 35-step sample at the full shape with --sample-variant (bf16 or an FP8 one), compiled, per step
 Variants: bf16 (the package), fp8 (FP8 GEMMs + cuDNN FP8 attention), fp8-gemm (FP8 GEMMs, bf16 attention),
 fp8-gemm-tw (FP8 GEMMs with one scale per tensor instead of per row, bf16 attention), fp8-attn (bf16 GEMMs, FP8
-attention). On the CPU (--device cpu) FP8 is emulated: a smoke test of the script.
+attention), bf16-fa4 (bf16, every attention by FlashAttention-4's kernels: infer.sdpa_backend fa4; needs the fa4
+extra, whose kernel the attention ceilings then time too). On the CPU (--device cpu) FP8 is emulated: a smoke test of the script.
 
 H100:  PYTHONPATH=src python benchmarks/infer_fp8.py --out benchmarks/results/infer_fp8_h100.json
 A short lease (BENCHMARKS.md's FP8 section has the three commands for a full one): attention ceilings, the error gate
@@ -46,10 +47,11 @@ from mvdit.model import network  # noqa: E402
 from mvdit.model.config import get_preset  # noqa: E402
 from mvdit.model.edm import Condition, run_net  # noqa: E402
 from mvdit.model.network import Attention, MultiviewDiT  # noqa: E402
-from mvdit.runtime import fp8  # noqa: E402
+from mvdit.runtime import fa4, fp8  # noqa: E402
 
 BF16_SAMPLE_S_SECTION8 = 438.99  # BENCHMARKS.md §8: a whole bf16 35-step sample, compiled, one H100, 2026-12-06
 PERF_MD_SAMPLE_FLOOR_S = (402, 421)
+WITHOUT_CUDNN_FP8 = ("bf16", "fp8-gemm", "fp8-gemm-tw", "bf16-fa4")  # the variants that run without the frontend
 
 
 def parse_args(argv=None):
@@ -98,6 +100,7 @@ def variant_plan(name: str, emulate: bool) -> tuple[str | None, str | None]:
         "fp8-gemm": (g, None),
         "fp8-gemm-tw": (tw, None),
         "fp8-attn": (None, a),
+        "bf16-fa4": (None, None),
     }[name]
 
 
@@ -110,6 +113,8 @@ class Swap:
         self.linears = {n: m for n, m in net.named_modules() if type(m) is nn.Linear}
 
     def __enter__(self):
+        if self.name.endswith("-fa4"):
+            fa4.apply(self.net)
         if self.gemm:
             fp8.apply(self.net, fp8.Fp8Plan(self.gemm, self.attn or "sdpa"))
         elif self.attn:
@@ -211,7 +216,7 @@ def gemm_ceilings(dev, n, d, hidden) -> dict:
     return out
 
 
-def attention_ceilings(dev, n, heads, hd, cudnn_ok: bool) -> dict:
+def attention_ceilings(dev, n, heads, hd, cudnn_ok: bool, fa4_ok: bool = False) -> dict:
     g = torch.Generator(device=dev).manual_seed(2)
     q, k, v = (torch.randn(1, heads, n, hd, device=dev, generator=g).to(torch.bfloat16) for _ in range(3))
     flops = 4 * n * n * hd * heads
@@ -237,6 +242,23 @@ def attention_ceilings(dev, n, heads, hd, cudnn_ok: bool) -> dict:
             out["bf16_sdpa_rel_err_first_1024_queries"] = rel(F.scaled_dot_product_attention(q, k, v)[:, :, :1024], ref)
         except Exception as e:  # noqa: BLE001 - the error is the result
             out["fp8_cudnn_error"] = f"{type(e).__name__}: {str(e)[:800]}"
+    if fa4_ok:
+        try:
+            t0 = time.perf_counter()
+            fa4.attention(q, k, v)
+            C.sync(dev)
+            out["bf16_fa4_first_call_s"] = time.perf_counter() - t0  # the kernel's compilation for this shape
+            t = C.med(C.time_ms(functools.partial(fa4.attention, q, k, v), dev, reps=3, warmup=1))
+            out["bf16_fa4"] = {
+                "ms": t,
+                "tflops": flops / t / 1e9,
+                "speedup_vs_sdpa": out["bf16_sdpa_default"]["ms"] / t,
+            }
+            ref = exact_attention(q[:, :, :1024].float(), k.float(), v.float())
+            out["bf16_fa4_rel_err_first_1024_queries"] = rel(fa4.attention(q, k, v)[:, :, :1024], ref)
+            out["bf16_sdpa_rel_err_first_1024_queries"] = rel(F.scaled_dot_product_attention(q, k, v)[:, :, :1024], ref)
+        except Exception as e:  # noqa: BLE001 - the error is the result
+            out["fa4_error"] = f"{type(e).__name__}: {str(e)[:800]}"
     for key, val in out.items():
         if isinstance(val, dict) or "err" in key or "first_call" in key:
             print(f"[ceil] attention {key}: {val}", flush=True)
@@ -279,11 +301,21 @@ def main(argv=None):
         plan = fp8.plan_for(dev, cfg.head_dim, require_gates=False)  # this script measures the gates
         res["plan"] = plan.describe()
         if plan.attention != "cudnn":
-            variants = [v for v in variants if v in ("bf16", "fp8-gemm", "fp8-gemm-tw")]
-            variants_all = [v for v in variants_all if v in ("bf16", "fp8-gemm", "fp8-gemm-tw")]
+            variants = [v for v in variants if v in WITHOUT_CUDNN_FP8]
+            variants_all = [v for v in variants_all if v in WITHOUT_CUDNN_FP8]
     else:
         res["plan"] = fp8.Fp8Plan("emulated", "emulated").describe()
     cudnn_ok = res["plan"]["self_attention"].startswith("cuDNN")
+    fa4_ok = False
+    if any(v.endswith("-fa4") for v in variants_all + [a.sample_variant]):
+        try:
+            res["fa4"] = fa4.check(dev, cfg.head_dim, dtype)  # the probe compiles the kernel once
+            fa4_ok = True
+        except fa4.Fa4Unavailable as e:
+            res["fa4"] = f"unavailable: {e}"
+            variants = [v for v in variants if not v.endswith("-fa4")]
+            variants_all = [v for v in variants_all if not v.endswith("-fa4")]
+        print(f"[fa4] {res['fa4']}", flush=True)
     print(f"[fp8] {res['env']['device_name']} torch {torch.__version__} plan {res['plan']}", flush=True)
     save()
 
@@ -294,11 +326,11 @@ def main(argv=None):
         )
         save()
     if "ceilings" in phases and cuda and "attention" in ceils:
-        res["attention_ceilings"] = attention_ceilings(dev, fl["tokens"], cfg.num_heads, cfg.head_dim, cudnn_ok)
+        res["attention_ceilings"] = attention_ceilings(dev, fl["tokens"], cfg.num_heads, cfg.head_dim, cudnn_ok, fa4_ok)
         save()
         if "fp8_cudnn_error" in res["attention_ceilings"]:  # runs at the probe's shape, not at the sample's
-            variants = [v for v in variants if v in ("bf16", "fp8-gemm", "fp8-gemm-tw")]
-            variants_all = [v for v in variants_all if v in ("bf16", "fp8-gemm", "fp8-gemm-tw")]
+            variants = [v for v in variants if v in WITHOUT_CUDNN_FP8]
+            variants_all = [v for v in variants_all if v in WITHOUT_CUDNN_FP8]
             cudnn_ok = False
     if a.need_cudnn and not cudnn_ok:
         res["stopped"] = "cuDNN FP8 attention does not run here (--need-cudnn): " + str(
@@ -437,7 +469,9 @@ def main(argv=None):
     if "sample" in phases and not over_budget():
         fwd_s = res["variants"].get(a.sample_variant, {}).get("forward_ms_median", 0) * 1e-3
         need = 2 * a.steps * fwd_s + 45  # the forwards plus compilation
-        if a.limit_s and fwd_s and time.time() - t_start + need > a.limit_s:
+        if a.sample_variant.endswith("-fa4") and not fa4_ok:
+            res["sample"] = {"skipped": res["fa4"]}
+        elif a.limit_s and fwd_s and time.time() - t_start + need > a.limit_s:
             res["sample"] = {"skipped": f"needs about {need:.0f} s, {a.limit_s - (time.time() - t_start):.0f} s left"}
         else:
             res["sample"] = whole_sample(net, dev, gt, text, cameras, a, emulate, fl, res, save)
@@ -595,7 +629,7 @@ def whole_sample(net, dev, gt, text, cameras, a, emulate, fl, res, save) -> dict
     r["speedup_vs_section8"] = BF16_SAMPLE_S_SECTION8 / r["wall_s"]
     r["frac_of_bf16_floor"] = [f / r["wall_s"] for f in PERF_MD_SAMPLE_FLOOR_S]
     r["latent_norm"] = float(lat.float().norm())
-    r["goal_s"] = 420 if name == "bf16" else 330  # issue #21: bf16 <= 420 s, FP8 <= 330 s on one H100
+    r["goal_s"] = 420 if name.startswith("bf16") else 330  # issue #21: bf16 <= 420 s, FP8 <= 330 s on one H100
     print(f"[sample] {name}: {r['wall_s']:.1f} s (goal <= {r['goal_s']} s), MFU-equiv {r['mfu_equiv']:.3f}", flush=True)
     return r
 

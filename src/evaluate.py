@@ -121,7 +121,7 @@ def evaluate(args: argparse.Namespace) -> dict | None:
     session = SamplingSession(cfg, args.experiment, args.device, args.tokenizer_dir)  # checks before any load
     procs, dev, dtype = session.procs, session.device, session.dtype
     if procs.main:
-        say(f"evaluate: attention: SDPA {session.attn_kernel} kernel (infer.sdpa_backend: {inf.sdpa_backend})")
+        say(f"evaluate: attention kernel: {session.attn_kernel} (infer.sdpa_backend: {inf.sdpa_backend})")
     guidance = inf.guidance if args.guidance is None else args.guidance
     dataset = dataset_from_manifest(args.data_manifest, split="held_out")
     n_clips = min(len(dataset), inf.eval_clips)

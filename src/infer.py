@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> None:
     main_proc, dev, dtype = session.main, session.device, session.dtype
     if not main_proc:
         logging.getLogger().setLevel(logging.WARNING)
-    log.info("attention: SDPA %s kernel (infer.sdpa_backend: %s)", session.attn_kernel, inf.sdpa_backend)
+    log.info("attention kernel: %s (infer.sdpa_backend: %s)", session.attn_kernel, inf.sdpa_backend)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     timings: dict[str, float] = {}

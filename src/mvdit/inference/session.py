@@ -21,7 +21,7 @@ from mvdit.constants import SPATIAL_COMPRESSION, latent_frames
 from mvdit.encoders.tokenizer import VideoTokenizer
 from mvdit.inference.generate import generate, inference_dtype
 from mvdit.model.network import DiffusionModel
-from mvdit.runtime import context_parallel, fp8, sdpa
+from mvdit.runtime import context_parallel, fa4, fp8, sdpa
 from mvdit.runtime.compile import compile_blocks
 from mvdit.workflow.experiment import Experiment
 
@@ -81,6 +81,10 @@ class SamplingSession:
         else:
             model, _ = load_model(cfg, checkpoint, device=self.device, dtype=self.dtype, allow_pickle=pickle_ok)
         model.eval()
+        if self.exp.infer.sdpa_backend == "fa4":
+            n = fa4.apply(model.net)
+            if self.main:
+                log.info("attention: %s in %d attention modules", self.attn_kernel, n)
         if self.fp8_plan:
             counts = fp8.apply(model.net, self.fp8_plan)
             if self.main:

@@ -1,5 +1,6 @@
 """Which fused kernel `scaled_dot_product_attention` runs: torch's own choice ("auto") or one backend forced by the
-experiment (`infer.sdpa_backend`), checked on the device before any model loads and reported in the sidecar.
+experiment (`infer.sdpa_backend`), checked on the device before any model loads and reported in the sidecar. "fa4"
+replaces SDPA in every attention by FlashAttention-4's kernels (mvdit.runtime.fa4, the fa4 extra).
 
 On an H100 with torch 2.11, "auto" picks cuDNN for the 7B self-attention, which measured fastest there (598 TFLOP/s
 forward against 360 for flash and 182 for memory-efficient; BENCHMARKS.md §1), so forcing a backend is for other
@@ -25,7 +26,7 @@ _CHOICES = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"
 
 def backend(name: str) -> contextlib.AbstractContextManager:
     """A context in which SDPA runs only `name` ("auto": torch's own choice, nothing forced)."""
-    if name == "auto":
+    if name in ("auto", "fa4"):  # fa4: SDPA is not called by the attention (mvdit.runtime.fa4)
         return contextlib.nullcontext()
     if name not in BACKENDS:
         raise ValueError(f"unknown SDPA backend {name!r}: choose auto or one of {', '.join(BACKENDS)}")
@@ -54,10 +55,19 @@ def resolve(
     per-view cross-attention (`context_len` keys) is probed too: a forced backend that cannot run either is an
     ExperimentError naming the file (`source`), the setting and the fix.
 
-    Set the backend before the first compiled call: torch.compile fixes the kernel when it traces."""
+    Set the backend before the first compiled call: torch.compile fixes the kernel when it traces. "fa4" is checked
+    by mvdit.runtime.fa4 (its probe runs FA4 once) and answers its kernel's description."""
     from mvdit.workflow.experiment import (
         ExperimentError,  # here, so the benchmarks can use this module without jsonschema
     )
+
+    if name == "fa4":
+        from mvdit.runtime import fa4
+
+        try:
+            return fa4.check(device, head_dim, dtype)
+        except fa4.Fa4Unavailable as e:
+            raise ExperimentError(f"{source}: infer.sdpa_backend: fa4 {e} (or set infer.sdpa_backend: auto)") from e
 
     q = torch.zeros(1, num_heads, 4096, head_dim, dtype=dtype, device=device)  # a long sequence, as in the DiT
     kv = torch.zeros(1, num_heads, context_len, head_dim, dtype=dtype, device=device)

@@ -1,0 +1,108 @@
+"""FlashAttention-4's forward kernels (`infer.sdpa_backend: fa4`): the attention of every block runs Tri Dao's CuTe-DSL
+kernels from the `flash-attn-4` wheel (the `fa4` extra: pure Python, kernels compiled on first use for the GPU at
+hand, Hopper and Blackwell) instead of torch's SDPA, in bf16 or fp16. Inference only (forward, no gradient).
+
+Applied to a loaded model from outside, like mvdit.runtime.fp8: every Attention's `attention_fn` becomes `attention`,
+a `torch.library` custom op, so compiled blocks keep it as one opaque call. `check` runs before any model loads and
+turns whatever cannot run (no GPU, fp32, the wheel missing, a probe off) into one line naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+DIST = "flash-attn-4"
+MODULE = "flash_attn.cute"
+FIX = "pip install 'mvdit[fa4]'"
+MIN_CAPABILITY = (9, 0)  # the kernels measured here (BENCHMARKS.md) are Hopper's; Ampere's path is FA2-class
+DTYPES = (torch.bfloat16, torch.float16)
+
+
+class Fa4Unavailable(RuntimeError):
+    """This device or install cannot run infer.sdpa_backend: fa4; the message says why and what to do."""
+
+
+def _line(e: Exception) -> str:
+    return " ".join(str(e).split())[:200]
+
+
+def _module():
+    try:
+        return importlib.import_module(MODULE)
+    except ImportError as e:
+        raise Fa4Unavailable(f"{DIST} does not import ({_line(e)}); {FIX}") from e
+
+
+def version() -> str | None:
+    try:
+        return importlib.metadata.version(DIST)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@torch.library.custom_op("mvdit::fa4_attention", mutates_args=())
+def fa4_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """softmax(q k^T * scale) v on [B, N, H, d] heads (FlashAttention's layout), by flash_attn.cute.flash_attn_func."""
+    out = _module().flash_attn_func(q, k, v, softmax_scale=scale)
+    return out[0] if isinstance(out, tuple) else out  # (out, lse) in the 4.0 betas
+
+
+@fa4_attention.register_fake
+def _(q, k, v, scale):
+    return torch.empty_like(q)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Drop-in for F.scaled_dot_product_attention(q, k, v) on [B, H, N, d] heads (Attention.attention_fn)."""
+    lay = [t.transpose(1, 2).contiguous() for t in (q, k, v)]  # no copy where q/k/v are [B, N, H, d] in memory
+    return fa4_attention(*lay, q.shape[-1] ** -0.5).transpose(1, 2)
+
+
+def _probe(device: torch.device, head_dim: int, dtype: torch.dtype) -> float:
+    """Relative L2 error of one small FA4 call against fp32 attention (compiles the kernel for this GPU)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 512, head_dim, device=device, generator=g).to(dtype) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    return float((attention(q, k, v).float() - ref).norm() / ref.norm())
+
+
+def check(device: torch.device | str, head_dim: int, dtype: torch.dtype) -> str:
+    """Before any model loads: the kernel's description ("fa4 (flash-attn-4 <version>)"), or Fa4Unavailable saying
+    why this device, dtype or install cannot run it. Imports the wheel and, on a GPU, runs one small probe."""
+    device = torch.device(device)
+    if dtype not in DTYPES:
+        name = str(dtype).removeprefix("torch.")
+        raise Fa4Unavailable(f"runs bf16 or fp16 attention, not {name}; set infer.precision: bf16")
+    _module()
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise Fa4Unavailable(f"needs a CUDA GPU of compute capability 9.0+ (Hopper or later), not {device.type}")
+    cap = torch.cuda.get_device_capability(device)
+    if cap < MIN_CAPABILITY:
+        name = torch.cuda.get_device_name(device)
+        raise Fa4Unavailable(f"needs compute capability 9.0+ (Hopper or later); {name} is {cap[0]}.{cap[1]}")
+    try:
+        err = _probe(device, head_dim, dtype)
+    except Exception as e:  # noqa: BLE001 - whatever breaks in the kernel's build or launch, the answer is one line
+        raise Fa4Unavailable(f"{DIST} {version()} does not run here: {type(e).__name__}: {_line(e)}") from e
+    if not err < 2e-2:
+        raise Fa4Unavailable(f"{DIST} {version()} is off by {err:.3g} (relative L2) on a probe")
+    return f"fa4 ({DIST} {version()})"
+
+
+def apply(net: nn.Module) -> int:
+    """Every Attention of a loaded network (self- and cross-attention) computes with FA4; the number replaced. Call
+    after loading, before fp8.apply (whose FP8 attention then replaces the self-attention's), context parallelism
+    (which wraps it) and compile_blocks."""
+    from mvdit.model.network import Attention
+
+    n = 0
+    for m in net.modules():
+        if isinstance(m, Attention):
+            m.attention_fn = attention
+            n += 1
+    return n
