@@ -14,7 +14,8 @@ Phases (--phases, comma-separated; each writes into the JSON as it ends):
 Variants: bf16 (the package), fp8 (FP8 GEMMs + cuDNN FP8 attention), fp8-gemm (FP8 GEMMs, bf16 attention),
 fp8-gemm-tw (FP8 GEMMs with one scale per tensor instead of per row, bf16 attention), fp8-attn (bf16 GEMMs, FP8
 attention), bf16-fa4 (bf16, every attention by FlashAttention-4's kernels: infer.sdpa_backend fa4; needs the fa4
-extra, whose kernel the attention ceilings then time too). On the CPU (--device cpu) FP8 is emulated: a smoke test of the script.
+extra, whose kernel the attention ceilings then time too). On the CPU (--device cpu) FP8 is emulated: a smoke test of
+the script.
 
 H100:  PYTHONPATH=src python benchmarks/infer_fp8.py --out benchmarks/results/infer_fp8_h100.json
 A short lease (BENCHMARKS.md's FP8 section has the three commands for a full one): attention ceilings, the error gate
