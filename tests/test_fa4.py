@@ -5,6 +5,7 @@ runs the real kernels."""
 import importlib.util
 import sys
 import types
+from importlib.machinery import ModuleSpec
 
 import pytest
 import torch
@@ -34,6 +35,8 @@ def fake_fa4(monkeypatch):
         return out.transpose(1, 2).contiguous(), None  # (out, lse) as the 4.0 betas answer
 
     pkg, mod = types.ModuleType("flash_attn"), types.ModuleType("flash_attn.cute")
+    # transformers looks for a flash_attn when it loads T5
+    pkg.__spec__, mod.__spec__ = ModuleSpec("flash_attn", None), ModuleSpec("flash_attn.cute", None)
     mod.flash_attn_func, pkg.cute = flash_attn_func, mod
     monkeypatch.setitem(sys.modules, "flash_attn", pkg)
     monkeypatch.setitem(sys.modules, "flash_attn.cute", mod)
@@ -159,3 +162,48 @@ def test_the_benchmark_variant_installs_fa4_and_undoes_it(fake_fa4, monkeypatch)
         tiny_forward(model.net)
         assert fake_fa4
     assert not any("attention_fn" in m.__dict__ for m in model.net.modules() if isinstance(m, Attention))
+
+
+def sample_with_each_backend(d, device, precision, compile_blocks):
+    """One 4-step sample of the tiny release model through a SamplingSession per infer.sdpa_backend (auto, fa4)."""
+    import yaml
+
+    from mvdit.inference.generate import pad_condition_video
+    from mvdit.inference.session import SamplingSession
+    from mvdit.workflow.experiment import load_experiment
+
+    raw = yaml.safe_load((d / "exp.yaml").read_text())
+    latents = {}
+    for backend in ("auto", "fa4"):
+        raw["infer"] |= {"precision": precision, "compile": compile_blocks, "sdpa_backend": backend}
+        path = d / f"exp_{backend}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        exp = load_experiment(path)
+        session = SamplingSession(exp, path, device)
+        model = session.load(exp.release_checkpoint)
+        n_fa4 = sum(m.__dict__.get("attention_fn") is fa4.attention for m in model.net.modules())
+        assert n_fa4 == (2 * len(model.net.blocks) if backend == "fa4" else 0)
+        views = [torch.zeros(3, 1, exp.data.height, exp.data.width) for _ in session.cameras]
+        gt = session.encode(pad_condition_video(views, exp.data.num_frames))
+        text = torch.randn(session.text_shape, generator=torch.Generator().manual_seed(0)).to(device, session.dtype)
+        latents[backend] = session.sample(model, gt, text, 1, steps=4, guidance=3.0, seed=5, fps=10.0)
+        kernel = session.describe()["sdpa_backend"]["kernel"]
+        assert kernel.startswith("fa4 (flash-attn-4 ") == (backend == "fa4"), kernel
+    return latents
+
+
+def test_a_session_with_fa4_installs_it_and_samples_what_sdpa_samples(tmp_path, fake_fa4, monkeypatch):
+    from .helpers import tiny_inference_setup
+
+    monkeypatch.setattr(fa4, "check", lambda device, head_dim, dtype: "fa4 (flash-attn-4 stand-in)")  # CPU, fp32
+    latents = sample_with_each_backend(tiny_inference_setup(tmp_path, "fa4", steps=4), "cpu", "fp32", False)
+    assert fake_fa4 and rel(latents["fa4"], latents["auto"]) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_fa4, reason="needs CUDA and the fa4 extra")
+def test_on_the_gpu_a_session_with_fa4_samples_what_sdpa_samples(tmp_path):
+    from .helpers import tiny_inference_setup
+
+    latents = sample_with_each_backend(tiny_inference_setup(tmp_path, "fa4", steps=4), "cuda", "bf16", True)
+    assert rel(latents["fa4"], latents["auto"]) < 0.02, rel(latents["fa4"], latents["auto"])
