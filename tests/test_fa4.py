@@ -96,6 +96,26 @@ def test_on_hopper_the_probe_decides_and_its_failure_is_one_line(fake_fa4, fake_
     assert "flash-attn-4 4.0.0b40 is off by 0.5 (relative L2) on a probe" in resolve_error(device="cuda")
 
 
+def test_auto_prefers_fa4_where_it_runs_and_otherwise_keeps_torchs_pick_without_an_error(fake_fa4, fake_gpu, caplog):
+    fake_gpu.setattr(fa4, "version", lambda: "4.0.0b40")
+    fake_gpu.setattr(fa4, "_probe", lambda device, head_dim, dtype: 3e-3)
+    assert fa4.preferred("cuda", 128, torch.bfloat16) == "fa4 (flash-attn-4 4.0.0b40)"
+    assert sdpa_setting.resolve("auto", 4, 128, torch.bfloat16, "cuda") == "fa4 (flash-attn-4 4.0.0b40)"
+    assert fa4.preferred("cuda", 128, torch.float32) is None  # fp32: torch's SDPA
+    assert fa4.preferred("cpu", 128, torch.bfloat16) is None
+
+    def broken(device, head_dim, dtype):
+        raise RuntimeError("no kernel for this GPU")
+
+    fake_gpu.setattr(fa4, "_probe", broken)
+    with caplog.at_level("INFO", logger="mvdit.runtime.fa4"):
+        assert fa4.preferred("cuda", 128, torch.bfloat16) is None
+    assert "FlashAttention-4 not used (flash-attn-4 4.0.0b40 does not run here: RuntimeError: no kernel" in caplog.text
+    fake_gpu.setattr(fa4.importlib.util, "find_spec", lambda name: None)  # the extra not installed: not even probed
+    fake_gpu.setattr(fa4, "check", lambda *a: pytest.fail("probed without the extra"))
+    assert fa4.preferred("cuda", 128, torch.bfloat16) is None
+
+
 def test_attention_hands_flash_attention_its_layout_and_scale_and_matches_sdpa(fake_fa4):
     qkv = torch.randn(2, 37, 3 * 4 * 16)  # the projections' [B, N, h*d], split into heads as Attention does
     q, k, v = (t.unflatten(-1, (4, 16)).transpose(1, 2) for t in qkv.chunk(3, dim=-1))  # [B, h, N, d] views
@@ -164,8 +184,9 @@ def test_the_benchmark_variant_installs_fa4_and_undoes_it(fake_fa4, monkeypatch)
     assert not any("attention_fn" in m.__dict__ for m in model.net.modules() if isinstance(m, Attention))
 
 
-def sample_with_each_backend(d, device, precision, compile_blocks):
-    """One 4-step sample of the tiny release model through a SamplingSession per infer.sdpa_backend (auto, fa4)."""
+def sample_with_each_backend(d, device, precision, compile_blocks, sdpa_backend):
+    """One 4-step sample of the tiny release model through a SamplingSession per infer.sdpa_backend (an SDPA one,
+    then fa4)."""
     import yaml
 
     from mvdit.inference.generate import pad_condition_video
@@ -174,7 +195,7 @@ def sample_with_each_backend(d, device, precision, compile_blocks):
 
     raw = yaml.safe_load((d / "exp.yaml").read_text())
     latents = {}
-    for backend in ("auto", "fa4"):
+    for backend in (sdpa_backend, "fa4"):
         raw["infer"] |= {"precision": precision, "compile": compile_blocks, "sdpa_backend": backend}
         path = d / f"exp_{backend}.yaml"
         path.write_text(yaml.safe_dump(raw))
@@ -196,7 +217,7 @@ def test_a_session_with_fa4_installs_it_and_samples_what_sdpa_samples(tmp_path, 
     from .helpers import tiny_inference_setup
 
     monkeypatch.setattr(fa4, "check", lambda device, head_dim, dtype: "fa4 (flash-attn-4 stand-in)")  # CPU, fp32
-    latents = sample_with_each_backend(tiny_inference_setup(tmp_path, "fa4", steps=4), "cpu", "fp32", False)
+    latents = sample_with_each_backend(tiny_inference_setup(tmp_path, "fa4", steps=4), "cpu", "fp32", False, "auto")
     assert fake_fa4 and rel(latents["fa4"], latents["auto"]) < 1e-4
 
 
@@ -205,5 +226,6 @@ def test_a_session_with_fa4_installs_it_and_samples_what_sdpa_samples(tmp_path, 
 def test_on_the_gpu_a_session_with_fa4_samples_what_sdpa_samples(tmp_path):
     from .helpers import tiny_inference_setup
 
-    latents = sample_with_each_backend(tiny_inference_setup(tmp_path, "fa4", steps=4), "cuda", "bf16", True)
-    assert rel(latents["fa4"], latents["auto"]) < 0.02, rel(latents["fa4"], latents["auto"])
+    d = tiny_inference_setup(tmp_path, "fa4", steps=4)
+    latents = sample_with_each_backend(d, "cuda", "bf16", True, "flash")  # auto would pick FA4 here
+    assert rel(latents["fa4"], latents["flash"]) < 0.02, rel(latents["fa4"], latents["flash"])

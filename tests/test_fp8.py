@@ -267,3 +267,38 @@ def test_the_fp8_benchmark_runs_on_the_cpu_with_emulated_fp8(tmp_path):
     assert set(res["error_gate"]) == {"bf16", "fp8"} and res["variants"]["fp8"]["rel_diff_vs_bf16"] > 0
     assert res["gate35"]["fp8"]["finite"] and res["gate35"]["fp8"]["cos_vs_bf16"] > 0.99
     assert res["sample"]["finite"] and len(res["sample"]["wall_at_step_s"]) == 2
+
+
+def test_e4m3_alone_misses_the_3x_gate_whichever_attention_operand_or_gemm_it_holds():
+    """Why no FP8 backend passes the gate (cuDNN's, TransformerEngine's, which calls cuDNN's fused FP8 attention, or
+    FlashAttention-3's): E4M3 keeps 3 mantissa bits, so storing any one operand in it (q and k for QK^T; P; V; or a
+    GEMM's activation and weight) already costs several times bf16's whole error, on random data like the gates'.
+    Remedies that keep one product in bf16 (P.V in bf16 with an FP8 QK^T) stay far above 3x too."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 1024, 128, generator=g, dtype=torch.float64) for _ in range(3))
+
+    def e4m3(x):  # per-tensor power-of-two scale, amax -> <= 448 (as quantize_tensor)
+        m = torch.exp2(torch.floor(torch.log2(fp8.E4M3_MAX / x.abs().amax())))
+        return (x * m).clamp(-fp8.E4M3_MAX, fp8.E4M3_MAX).to(fp8.E4M3).to(x.dtype) / m
+
+    def bf16(x):
+        return x.to(torch.bfloat16).to(x.dtype)
+
+    def attention(qk=None, p=None, v_=None, out=None):
+        keep = lambda t: t  # noqa: E731
+        qk, p, v_, out = (f or keep for f in (qk, p, v_, out))
+        s = qk(q) @ qk(k).transpose(-1, -2) * 128**-0.5
+        w = torch.exp(s - s.amax(-1, keepdim=True))
+        return out(p(w) @ v_(v) / w.sum(-1, keepdim=True))
+
+    exact = attention()
+    err = lambda o: rel(o, exact)  # noqa: E731
+    base = err(attention(bf16, bf16, bf16, bf16))  # every operand and the output rounded to bf16
+    one_operand = {"qk": err(attention(qk=e4m3)), "p": err(attention(p=e4m3)), "v": err(attention(v_=e4m3))}
+    assert all(e > 5 * base for e in one_operand.values()), (base, one_operand)
+    assert err(attention(e4m3, e4m3, e4m3, e4m3)) > 10 * base
+
+    x, w = torch.randn(512, 1024, generator=g, dtype=torch.float64), torch.randn(256, 1024, generator=g).double()
+    ref = x @ w.t()
+    gemm_bf16 = rel(bf16(bf16(x) @ bf16(w).t()), ref)
+    assert rel(bf16(e4m3(x) @ e4m3(w).t()), ref) > 5 * gemm_bf16

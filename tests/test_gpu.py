@@ -93,7 +93,8 @@ def test_train_resume_copy_and_infer_on_cuda(tmp_path):
     )
     meta = json.loads((env_out / "synthetic_highway.json").read_text())
     assert meta["device"].startswith("cuda") and meta["dtype"] == "torch.bfloat16"
-    assert meta["sdpa_backend"]["kernel"] in {"cudnn", "flash", "efficient"}  # a fused kernel, not the math one
+    kernel = meta["sdpa_backend"]["kernel"]  # a fused kernel, not the math one (FlashAttention-4 with the fa4 extra)
+    assert kernel in {"cudnn", "flash", "efficient"} or kernel.startswith("fa4 (flash-attn-4 ")
     assert 0 < meta["peak_gpu_memory_gb"] < 4 and meta["peak_gpu_memory_gb_per_rank"] == [meta["peak_gpu_memory_gb"]]
     assert (env_out / "synthetic_highway_grid.mp4").stat().st_size > 0
     step_s = sorted(s["step_time_s"] for s in steps)[len(steps) // 2]

@@ -1,4 +1,5 @@
-"""FlashAttention-4's forward kernels (`infer.sdpa_backend: fa4`): the attention of every block runs Tri Dao's CuTe-DSL
+"""FlashAttention-4's forward kernels (`infer.sdpa_backend: fa4`, and `auto` where they run): the attention of every
+block runs Tri Dao's CuTe-DSL
 kernels from the `flash-attn-4` wheel (the `fa4` extra: pure Python, kernels compiled on first use for the GPU at
 hand, Hopper and Blackwell) instead of torch's SDPA, in bf16 or fp16. Inference only (forward, no gradient).
 
@@ -11,10 +12,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.util
+import logging
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
 
 DIST = "flash-attn-4"
 MODULE = "flash_attn.cute"
@@ -92,6 +97,20 @@ def check(device: torch.device | str, head_dim: int, dtype: torch.dtype) -> str:
     if not err < 2e-2:
         raise Fa4Unavailable(f"{DIST} {version()} is off by {err:.3g} (relative L2) on a probe")
     return f"fa4 ({DIST} {version()})"
+
+
+def preferred(device: torch.device | str, head_dim: int, dtype: torch.dtype) -> str | None:
+    """What infer.sdpa_backend: auto asks: FA4's description where it can run here (the extra installed, bf16/fp16 on
+    a GPU of compute capability 9.0+, the probe passes), else None and torch's SDPA keeps the attention. Why not is
+    logged, not raised: auto was not a request for FA4."""
+    device = torch.device(device)
+    if dtype not in DTYPES or device.type != "cuda" or importlib.util.find_spec("flash_attn") is None:
+        return None
+    try:
+        return check(device, head_dim, dtype)
+    except Fa4Unavailable as e:
+        log.info("attention: FlashAttention-4 not used (%s); torch's SDPA picks the kernel", e)
+        return None
 
 
 def apply(net: nn.Module) -> int:

@@ -4,9 +4,10 @@ per weight row, fp32 accumulation, bf16 output) and the joint self-attention bec
 (E4M3 q/k/v/P/O with per-tensor scales, through the `nvidia-cudnn-frontend` wheel: the `fp8` extra).
 
 Where the cuDNN frontend is missing or cannot run FP8 attention, self-attention stays bf16 SDPA and only the GEMMs
-run in FP8 (the log and the sidecar say which). TransformerEngine is detected and reported but not used: its path
-has not been measured against the quality gates (BENCHMARKS.md, FP8 section). Norms, modulation, embeddings, the
-per-view cross-attention and the final layer stay bf16. `check` runs before any model loads, `apply` after.
+run in FP8 (the log and the sidecar say which). TransformerEngine is detected and reported but not used: it stores
+the same operands in E4M3, which alone misses the gates (tests/test_fp8.py; BENCHMARKS.md, FP8 section). Norms,
+modulation, embeddings, the per-view cross-attention and the final layer stay bf16. `check` runs before any model
+loads, `apply` after.
 """
 
 from __future__ import annotations
@@ -339,7 +340,7 @@ def plan_for(device: torch.device | str, head_dim: int = 128, require_gates: boo
     if why:
         info["attention_fallback"] = why
     if info["transformer_engine"]:
-        info["transformer_engine_note"] = "installed, not used: its FP8 path has not passed the quality gates here"
+        info["transformer_engine_note"] = "installed, not used: its E4M3 GEMMs and attention miss the gates too"
     return Fp8Plan("scaled_mm", attention, info)
 
 

@@ -1,10 +1,11 @@
 """Which fused kernel `scaled_dot_product_attention` runs: torch's own choice ("auto") or one backend forced by the
 experiment (`infer.sdpa_backend`), checked on the device before any model loads and reported in the sidecar. "fa4"
-replaces SDPA in every attention by FlashAttention-4's kernels (mvdit.runtime.fa4, the fa4 extra).
+replaces SDPA in every attention by FlashAttention-4's kernels (mvdit.runtime.fa4, the fa4 extra); "auto" does too
+where they can run (the extra installed, bf16/fp16 on Hopper or later, the probe passes), else it is torch's pick.
 
-On an H100 with torch 2.11, "auto" picks cuDNN for the 7B self-attention, which measured fastest there (598 TFLOP/s
-forward against 360 for flash and 182 for memory-efficient; BENCHMARKS.md §1), so forcing a backend is for other
-GPUs and torch versions, or to compare.
+On an H100 with torch 2.11, torch picks cuDNN for the 7B self-attention, the fastest of its backends there (598
+TFLOP/s forward against 360 for flash and 182 for memory-efficient; BENCHMARKS.md §1); FlashAttention-4 ran it at 684
+(BENCHMARKS.md "FlashAttention-4"). Forcing a backend is for other GPUs and torch versions, or to compare.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def resolve(
     ExperimentError naming the file (`source`), the setting and the fix.
 
     Set the backend before the first compiled call: torch.compile fixes the kernel when it traces. "fa4" is checked
-    by mvdit.runtime.fa4 (its probe runs FA4 once) and answers its kernel's description."""
+    by mvdit.runtime.fa4 (its probe runs FA4 once) and answers its kernel's description ("fa4 (flash-attn-4 ...)"),
+    which "auto" answers too where FA4 can run (mvdit.runtime.fa4.preferred)."""
     from mvdit.workflow.experiment import (
         ExperimentError,  # here, so the benchmarks can use this module without jsonschema
     )
@@ -68,6 +70,11 @@ def resolve(
             return fa4.check(device, head_dim, dtype)
         except fa4.Fa4Unavailable as e:
             raise ExperimentError(f"{source}: infer.sdpa_backend: fa4 {e} (or set infer.sdpa_backend: auto)") from e
+    if name == "auto":
+        from mvdit.runtime import fa4
+
+        if chosen := fa4.preferred(device, head_dim, dtype):
+            return chosen
 
     q = torch.zeros(1, num_heads, 4096, head_dim, dtype=dtype, device=device)  # a long sequence, as in the DiT
     kv = torch.zeros(1, num_heads, context_len, head_dim, dtype=dtype, device=device)
