@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 
 from mvdit.tiny.assets import build_tiny_assets
@@ -98,3 +99,12 @@ def prepare_tiny_experiment(d: Path, name: str, **sections) -> Path:
     exp = {"name": name, "checkpoint_dir": str(ck), "checkpoint_source": "tiny", "model": {"preset": "tiny"}}
     prepare_experiment(d, exp | sections, "--t5-dir", ck / "google-t5/t5-11b", "--cache-dir", d / "t5_cache")
     return ck
+
+
+def tiny_forward(net, seed=0):
+    """One no-grad forward of a tiny-preset network on 2 views of random latents and text (the runtime tests)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 16, 4, 4, 6, generator=g)
+    text = torch.randn(1, 16, 1024, generator=g)
+    with torch.no_grad():
+        return net(x, torch.tensor([0.1]), text, n_views=2)

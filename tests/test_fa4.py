@@ -18,6 +18,8 @@ from mvdit.runtime import fa4
 from mvdit.runtime import sdpa as sdpa_setting
 from mvdit.workflow.experiment import ExperimentError
 
+from .helpers import ROOT, tiny_forward, tiny_inference_setup
+
 
 def rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
@@ -72,7 +74,7 @@ def test_a_missing_wheel_names_the_extra(monkeypatch):
 
 
 def test_with_the_wheel_a_cpu_or_a_pre_hopper_gpu_is_refused(fake_fa4, monkeypatch):
-    assert "needs a CUDA GPU of compute capability 9.0+ (Hopper or later), not cpu" in resolve_error()
+    assert "needs a CUDA GPU with compute capability 9.0+ (Hopper or later), not cpu" in resolve_error()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA A100-SXM4-80GB")
@@ -125,14 +127,6 @@ def test_attention_hands_flash_attention_its_layout_and_scale_and_matches_sdpa(f
     assert fake_fa4 == [{"shape": (2, 37, 4, 16), "contiguous": True, "scale": 16**-0.5}]
 
 
-def tiny_forward(net, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 16, 4, 4, 6, generator=g)
-    text = torch.randn(1, 16, 1024, generator=g)
-    with torch.no_grad():
-        return net(x, torch.tensor([0.1]), text, n_views=2)
-
-
 def test_apply_routes_every_attention_of_a_model_through_fa4(fake_fa4):
     model = build_model(get_preset("tiny")).eval()
     ref = tiny_forward(model.net)
@@ -172,8 +166,6 @@ def test_on_the_gpu_fa4_is_as_accurate_as_bf16_sdpa():
 
 
 def test_the_benchmark_variant_installs_fa4_and_undoes_it(fake_fa4, monkeypatch):
-    from .helpers import ROOT
-
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import infer_fp8
 
@@ -214,8 +206,6 @@ def sample_with_each_backend(d, device, precision, compile_blocks, sdpa_backend)
 
 
 def test_a_session_with_fa4_installs_it_and_samples_what_sdpa_samples(tmp_path, fake_fa4, monkeypatch):
-    from .helpers import tiny_inference_setup
-
     monkeypatch.setattr(fa4, "check", lambda device, head_dim, dtype: "fa4 (flash-attn-4 stand-in)")  # CPU, fp32
     latents = sample_with_each_backend(tiny_inference_setup(tmp_path, "fa4", steps=4), "cpu", "fp32", False, "auto")
     assert fake_fa4 and rel(latents["fa4"], latents["auto"]) < 1e-4
@@ -224,8 +214,6 @@ def test_a_session_with_fa4_installs_it_and_samples_what_sdpa_samples(tmp_path, 
 @pytest.mark.gpu
 @pytest.mark.skipif(not has_fa4, reason="needs CUDA and the fa4 extra")
 def test_on_the_gpu_a_session_with_fa4_samples_what_sdpa_samples(tmp_path):
-    from .helpers import tiny_inference_setup
-
     d = tiny_inference_setup(tmp_path, "fa4", steps=4)
     latents = sample_with_each_backend(d, "cuda", "bf16", True, "flash")  # auto would pick FA4 here
     assert rel(latents["fa4"], latents["flash"]) < 0.02, rel(latents["fa4"], latents["flash"])

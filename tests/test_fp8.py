@@ -15,7 +15,7 @@ from mvdit.model.posemb import RopePosition3D, apply_rope, rope_table
 from mvdit.runtime import fp8
 from mvdit.workflow.experiment import ExperimentError
 
-from .helpers import ROOT
+from .helpers import ROOT, tiny_forward
 
 
 def rel(a, b):
@@ -180,14 +180,6 @@ def test_the_attention_seam_routes_self_attention_through_attention_fn():
     attn.attention_fn = spy
     torch.testing.assert_close(attn(x), before, rtol=0, atol=0)
     assert calls == [(1, 4, 12, 16)] and Attention.attention_fn is sdpa  # the class default is untouched
-
-
-def tiny_forward(net, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 16, 4, 4, 6, generator=g)
-    text = torch.randn(1, 16, 1024, generator=g)
-    with torch.no_grad():
-        return net(x, torch.tensor([0.1]), text, n_views=2)
 
 
 def test_apply_converts_every_block_from_outside_and_the_output_stays_close():

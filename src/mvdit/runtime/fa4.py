@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mvdit.runtime import capability
+
 log = logging.getLogger(__name__)
 
 DIST = "flash-attn-4"
@@ -84,12 +86,8 @@ def check(device: torch.device | str, head_dim: int, dtype: torch.dtype) -> str:
         name = str(dtype).removeprefix("torch.")
         raise Fa4Unavailable(f"runs bf16 or fp16 attention, not {name}; set infer.precision: bf16")
     _module()
-    if device.type != "cuda" or not torch.cuda.is_available():
-        raise Fa4Unavailable(f"needs a CUDA GPU of compute capability 9.0+ (Hopper or later), not {device.type}")
-    cap = torch.cuda.get_device_capability(device)
-    if cap < MIN_CAPABILITY:
-        name = torch.cuda.get_device_name(device)
-        raise Fa4Unavailable(f"needs compute capability 9.0+ (Hopper or later); {name} is {cap[0]}.{cap[1]}")
+    if why := capability.missing(device, MIN_CAPABILITY, "compute capability 9.0+ (Hopper or later)"):
+        raise Fa4Unavailable(why)
     try:
         err = _probe(device, head_dim, dtype)
     except Exception as e:  # noqa: BLE001 - whatever breaks in the kernel's build or launch, the answer is one line

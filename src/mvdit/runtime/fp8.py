@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mvdit.runtime import capability
+
 log = logging.getLogger(__name__)
 
 E4M3 = torch.float8_e4m3fn
@@ -304,12 +306,8 @@ def plan_for(device: torch.device | str, head_dim: int = 128, require_gates: boo
     require_gates=False also offers backends that have not passed the quality gates (the benchmark that measures
     them)."""
     device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        raise Fp8Unavailable(f"needs a CUDA GPU with FP8 tensor cores (compute capability 8.9+), not {device.type}")
-    cap = torch.cuda.get_device_capability(device)
-    if cap < MIN_CAPABILITY:
-        name = torch.cuda.get_device_name(device)
-        raise Fp8Unavailable(f"needs FP8 tensor cores (compute capability 8.9+); {name} is {cap[0]}.{cap[1]}")
+    if why := capability.missing(device, MIN_CAPABILITY, "FP8 tensor cores (compute capability 8.9+)"):
+        raise Fp8Unavailable(why)
     if require_gates and not GATED["gemm:scaled_mm"]:
         raise Fp8Unavailable(
             f"is not offered: its FP8 GEMMs {_gate_word('gemm:scaled_mm')} the quality gates (BENCHMARKS.md)"
