@@ -310,7 +310,9 @@ def main(argv=None):
     fa4_ok = False
     if any(v.endswith("-fa4") for v in variants_all + [a.sample_variant]):
         try:
+            t0 = time.perf_counter()
             res["fa4"] = fa4.check(dev, cfg.head_dim, dtype)  # the probe compiles the kernel once
+            res["fa4_check_s"] = time.perf_counter() - t0
             fa4_ok = True
         except fa4.Fa4Unavailable as e:
             res["fa4"] = f"unavailable: {e}"

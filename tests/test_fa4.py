@@ -62,15 +62,23 @@ def resolve_error(dtype=torch.bfloat16, device="cpu") -> str:
     return msg
 
 
-def test_fp32_is_refused_before_anything_else_naming_the_precision_fix():
-    msg = resolve_error(torch.float32)
+def test_on_a_gpu_fp32_is_refused_before_the_import_naming_the_precision_fix(fake_gpu):
+    fake_gpu.setattr(fa4, "_module", lambda: pytest.fail("imported before the dtype was checked"))
+    msg = resolve_error(torch.float32, "cuda")
     assert "runs bf16 or fp16 attention, not float32; set infer.precision: bf16" in msg
 
 
-def test_a_missing_wheel_names_the_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, "flash_attn.cute", None)  # import raises ImportError, installed or not
-    msg = resolve_error()
-    assert "flash-attn-4 does not import (import of flash_attn.cute halted" in msg and "pip install 'mvdit[fa4]'" in msg
+def test_a_missing_or_broken_wheel_names_the_extra(fake_gpu):
+    fake_gpu.setitem(sys.modules, "flash_attn.cute", None)  # import raises ImportError, installed or not
+    msg = resolve_error(device="cuda")
+    assert "flash-attn-4 does not import (ModuleNotFoundError: import of flash_attn.cute halted" in msg
+    assert "pip install -e '.[fa4-cu13]' (torch built for CUDA 13) or '.[fa4]' (CUDA 12)" in msg
+
+    def broken(name):
+        raise OSError("libcuda.so.1: cannot open shared object file")
+
+    fake_gpu.setattr(fa4.importlib, "import_module", broken)  # installed, but its CUDA libraries do not load
+    assert "flash-attn-4 does not import (OSError: libcuda.so.1: cannot open" in resolve_error(device="cuda")
 
 
 def test_with_the_wheel_a_cpu_or_a_pre_hopper_gpu_is_refused(fake_fa4, monkeypatch):
@@ -142,13 +150,26 @@ def test_apply_routes_every_attention_of_a_model_through_fa4(fake_fa4):
 def test_the_op_is_one_opaque_call_under_torch_compile(fake_fa4):
     attn = Attention(64, 64, 4).eval()
     x = torch.randn(1, 12, 64)
+    graphs = []
+
+    def recording(gm, example_inputs):  # the graph dynamo hands a backend
+        graphs.append([n.target for n in gm.graph.nodes if n.op == "call_function"])
+        return gm.forward
+
     with torch.no_grad():
         ref = attn(x)
         attn.attention_fn = fa4.attention
-        compiled = torch.compile(attn, backend="aot_eager", fullgraph=True)  # fake tensors: the op's register_fake
-        out = compiled(x)
+        out = torch.compile(attn, backend=recording, fullgraph=True)(x)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    assert len(fake_fa4) == 1  # the real op ran once, at run time
+    assert len(graphs) == 1 and graphs[0].count(torch.ops.mvdit.fa4_attention.default) == 1
+    assert F.scaled_dot_product_attention not in graphs[0]  # not traced into: the stand-in ran only at run time
+    assert len(fake_fa4) == 1
+
+
+def test_the_op_passes_torch_library_opcheck_at_cross_attention_shapes(fake_fa4):
+    q = torch.randn(2, 37, 4, 16)
+    k, v = torch.randn(2, 5, 4, 16), torch.randn(2, 5, 4, 16)  # fewer keys than queries, as the text context
+    torch.library.opcheck(torch.ops.mvdit.fa4_attention.default, (q, k, v, 0.25))
 
 
 has_fa4 = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None

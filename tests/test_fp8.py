@@ -261,17 +261,19 @@ def test_the_fp8_benchmark_runs_on_the_cpu_with_emulated_fp8(tmp_path):
     assert res["sample"]["finite"] and len(res["sample"]["wall_at_step_s"]) == 2
 
 
-def test_e4m3_alone_misses_the_3x_gate_whichever_attention_operand_or_gemm_it_holds():
-    """Why no FP8 backend passes the gate (cuDNN's, TransformerEngine's, which calls cuDNN's fused FP8 attention, or
-    FlashAttention-3's): E4M3 keeps 3 mantissa bits, so storing any one operand in it (q and k for QK^T; P; V; or a
-    GEMM's activation and weight) already costs several times bf16's whole error, on random data like the gates'.
-    Remedies that keep one product in bf16 (P.V in bf16 with an FP8 QK^T) stay far above 3x too."""
+def test_e4m3_in_any_one_attention_operand_or_gemm_costs_over_5x_bf16s_error():
+    """Why no FP8 backend passes the per-forward gate (<= 3x bf16's error; cuDNN's, TransformerEngine's, which calls
+    cuDNN's fused FP8 attention, or FlashAttention-3's): E4M3 keeps 3 mantissa bits, so storing any one operand in
+    it (q and k for QK^T; P; V; or a GEMM's activation and weight), quantized as the package does, already costs
+    over 5x bf16's error of the whole operation on random data like the gates'. Remedies that keep one product in
+    bf16 (P.V in bf16 with an FP8 QK^T) stay there too. Per operation, not per forward: the measured forward ratios
+    (26.5x for FP8 attention, 4.2x for FP8 GEMMs) dilute or compound these."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 4, 1024, 128, generator=g, dtype=torch.float64) for _ in range(3))
 
-    def e4m3(x):  # per-tensor power-of-two scale, amax -> <= 448 (as quantize_tensor)
-        m = torch.exp2(torch.floor(torch.log2(fp8.E4M3_MAX / x.abs().amax())))
-        return (x * m).clamp(-fp8.E4M3_MAX, fp8.E4M3_MAX).to(fp8.E4M3).to(x.dtype) / m
+    def e4m3(x):  # the package's per-tensor quantization (the cuDNN path's), dequantized
+        x8, descale = fp8.quantize_tensor(x)
+        return x8.to(x.dtype) * descale.to(x.dtype).reshape(())
 
     def bf16(x):
         return x.to(torch.bfloat16).to(x.dtype)

@@ -81,7 +81,7 @@ class SamplingSession:
         else:
             model, _ = load_model(cfg, checkpoint, device=self.device, dtype=self.dtype, allow_pickle=pickle_ok)
         model.eval()
-        if self.attn_kernel.startswith("fa4"):  # infer.sdpa_backend fa4, or auto where FA4 runs
+        if fa4.chosen(self.attn_kernel):  # infer.sdpa_backend fa4, or auto where FA4 runs
             n = fa4.apply(model.net)
             if self.main:
                 log.info("attention: %s in %d attention modules", self.attn_kernel, n)

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 DIST = "flash-attn-4"
 MODULE = "flash_attn.cute"
-FIX = "pip install 'mvdit[fa4]'"
+FIX = "install the extra: pip install -e '.[fa4-cu13]' (torch built for CUDA 13) or '.[fa4]' (CUDA 12)"
+KERNEL = "fa4"  # how resolve() answers start: "fa4 (flash-attn-4 <version>)"
 MIN_CAPABILITY = (9, 0)  # the kernels measured here (BENCHMARKS.md) are Hopper's; Ampere's path is FA2-class
 DTYPES = (torch.bfloat16, torch.float16)
 
@@ -41,8 +42,8 @@ def _line(e: Exception) -> str:
 def _module():
     try:
         return importlib.import_module(MODULE)
-    except ImportError as e:
-        raise Fa4Unavailable(f"{DIST} does not import ({_line(e)}); {FIX}") from e
+    except Exception as e:  # noqa: BLE001 - not installed, or its CUDA libraries do not load: the same one line
+        raise Fa4Unavailable(f"{DIST} does not import ({type(e).__name__}: {_line(e)}); {FIX}") from e
 
 
 def version() -> str | None:
@@ -61,7 +62,7 @@ def fa4_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
 
 @fa4_attention.register_fake
 def _(q, k, v, scale):
-    return torch.empty_like(q)
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -82,25 +83,25 @@ def check(device: torch.device | str, head_dim: int, dtype: torch.dtype) -> str:
     """Before any model loads: the kernel's description ("fa4 (flash-attn-4 <version>)"), or Fa4Unavailable saying
     why this device, dtype or install cannot run it. Imports the wheel and, on a GPU, runs one small probe."""
     device = torch.device(device)
+    if why := capability.missing(device, MIN_CAPABILITY, "compute capability 9.0+ (Hopper or later)"):
+        raise Fa4Unavailable(why)
     if dtype not in DTYPES:
         name = str(dtype).removeprefix("torch.")
         raise Fa4Unavailable(f"runs bf16 or fp16 attention, not {name}; set infer.precision: bf16")
     _module()
-    if why := capability.missing(device, MIN_CAPABILITY, "compute capability 9.0+ (Hopper or later)"):
-        raise Fa4Unavailable(why)
     try:
         err = _probe(device, head_dim, dtype)
     except Exception as e:  # noqa: BLE001 - whatever breaks in the kernel's build or launch, the answer is one line
         raise Fa4Unavailable(f"{DIST} {version()} does not run here: {type(e).__name__}: {_line(e)}") from e
     if not err < 2e-2:
         raise Fa4Unavailable(f"{DIST} {version()} is off by {err:.3g} (relative L2) on a probe")
-    return f"fa4 ({DIST} {version()})"
+    return f"{KERNEL} ({DIST} {version()})"
 
 
 def preferred(device: torch.device | str, head_dim: int, dtype: torch.dtype) -> str | None:
     """What infer.sdpa_backend: auto asks: FA4's description where it can run here (the extra installed, bf16/fp16 on
-    a GPU of compute capability 9.0+, the probe passes), else None and torch's SDPA keeps the attention. Why not is
-    logged, not raised: auto was not a request for FA4."""
+    a GPU of compute capability 9.0+, the probe passes), else None and torch's SDPA keeps the attention. Where the
+    extra is installed but does not run, why is logged, not raised: auto was not a request for FA4."""
     device = torch.device(device)
     if dtype not in DTYPES or device.type != "cuda" or importlib.util.find_spec("flash_attn") is None:
         return None
@@ -109,6 +110,11 @@ def preferred(device: torch.device | str, head_dim: int, dtype: torch.dtype) -> 
     except Fa4Unavailable as e:
         log.info("attention: FlashAttention-4 not used (%s); torch's SDPA picks the kernel", e)
         return None
+
+
+def chosen(kernel: str) -> bool:
+    """Whether a kernel description from sdpa.resolve is FA4's (the session then applies it)."""
+    return kernel.split(" ", 1)[0] == KERNEL
 
 
 def apply(net: nn.Module) -> int:
