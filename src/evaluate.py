@@ -26,7 +26,7 @@ from mvdit.data.dataset import DatasetError
 from mvdit.data.manifest import dataset_from_manifest
 from mvdit.data.video_io import from_model_pixels
 from mvdit.encoders.tokenizer import TokenizerLoadError
-from mvdit.inference.metrics import cross_view_consistency, psnr, ssim, temporal_consistency
+from mvdit.inference.metrics import cross_view_consistency, overlap_agreement, psnr, ssim, temporal_consistency
 from mvdit.inference.session import SamplingSession
 from mvdit.model.edm import num_condition_latent_frames
 from mvdit.runtime import context_parallel
@@ -134,7 +134,16 @@ def evaluate(args: argparse.Namespace) -> dict | None:
     scores: dict[str, list[float]] = {k: [] for k in keys}
     # single-sample video metrics: SSIM of the predicted frames, temporal and cross-view consistency
     methods = [*models, *baselines, "ground_truth"]
-    extra = {m: {"ssim": [], "temporal_consistency": [], "cross_view_matches": []} for m in methods}
+    extra = {
+        m: {"ssim": [], "temporal_consistency": [], "cross_view_matches": [], "overlap_psnr_db": []} for m in methods
+    }
+    # the overlap agreement resamples neighbouring views through the synthetic rig's geometry: its clips only
+    rig = d.source == "synthetic"
+
+    def add_overlap(method: str, frames: dict[str, np.ndarray]) -> None:
+        if rig:  # of the predicted frames
+            extra[method]["overlap_psnr_db"].append(overlap_agreement({c: v[n_in:] for c, v in frames.items()}))
+
     sheets = []
     for i in range(n_clips):
         item = dataset[i]
@@ -165,6 +174,7 @@ def evaluate(args: argparse.Namespace) -> dict | None:
                 extra[name]["temporal_consistency"].append(
                     float(np.mean([temporal_consistency(frames[c], truth[c]) for c in cameras]))
                 )
+                add_overlap(name, frames)
         text = item["t5_text_embeddings"][None].to(dev, dtype)  # the same files on every process
         for name, model in models.items():
             pix = 0
@@ -184,8 +194,10 @@ def evaluate(args: argparse.Namespace) -> dict | None:
                         float(np.mean([temporal_consistency(video[c], truth[c]) for c in cameras]))
                     )
                     extra[name]["cross_view_matches"].append(cross_view_consistency(video))
+                    add_overlap(name, video)
                     if name == "post_trained":
                         extra["ground_truth"]["cross_view_matches"].append(cross_view_consistency(truth))
+                        add_overlap("ground_truth", truth)
                         sheets.append({"name": f"clip {i}", "truth": truth, "pred": video})
                 pix = pix + sample / n_samples
             if procs.main:

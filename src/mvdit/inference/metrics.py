@@ -1,5 +1,6 @@
 """Offline quality metrics of generated multiview video: PSNR and SSIM against ground truth, temporal consistency
-(frame-difference based) and cross-view consistency on the borders neighbouring cameras share (ORB feature matches).
+(frame-difference based) and cross-view consistency on the borders neighbouring cameras share (ORB feature matches;
+and, for clips of the synthetic rig, the agreement of the overlapping views resampled through the rig's geometry).
 Frames are uint8 [T, H, W, 3] numpy arrays or float tensors in [-1, 1] where noted.
 """
 
@@ -8,6 +9,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from mvdit.constants import CAMERAS
+from mvdit.data.synthetic import camera_rays, project
 
 # Camera pairs whose fields of view overlap on a car rig, as (left-hand camera, right-hand camera): the right edge of
 # the first sees what the left edge of the second sees.
@@ -103,3 +107,34 @@ def cross_view_consistency(views: dict[str, np.ndarray]) -> float:
     """Mean border matches over the neighbouring camera pairs present in `views` (camera name -> frames)."""
     pairs = [(a, b) for a, b in NEIGHBOURS if a in views and b in views]
     return float(np.mean([border_matches(views[a], views[b]) for a, b in pairs])) if pairs else float("nan")
+
+
+def overlap_agreement(views: dict[str, np.ndarray]) -> float:
+    """PSNR (dB, 0-255 scale) of neighbouring cameras where their fields of view overlap, on the synthetic renderer's
+    rig (CAMERAS, one optical centre): every pixel of the left-hand camera that the right-hand one also sees against
+    the right-hand camera's frame sampled there (bilinear, through the rotation between the two cameras), over the
+    pairs of NEIGHBOURS present in `views` (camera name -> frames [T, H, W, 3]) and their frames. Needs no corners,
+    unlike border_matches, so it still works on the demo's blurred clips (2026-12-07, 64x96, 3.5 px blur: one scene
+    34-35 dB, cameras shuffled 13-17 dB, noise 9 dB); meaningless for another rig."""
+    pairs = [(a, b) for a, b in NEIGHBOURS if a in views and b in views]
+    if not pairs:
+        return float("nan")
+    _, h, w, _ = views[pairs[0][0]].shape
+    rays = camera_rays(h, w)  # [6, H, W, 3], CAMERAS order
+    sq_err, n = 0.0, 0
+    for a, b in pairs:
+        row, col, front = project(rays[CAMERAS.index(a)], CAMERAS.index(b), h, w)
+        seen = front & (row >= 0) & (row <= h - 1) & (col >= 0) & (col <= w - 1)
+        r, c = row[seen], col[seen]
+        r0, c0 = np.minimum(r.astype(int), h - 2), np.minimum(c.astype(int), w - 2)
+        fr, fc = (r - r0)[:, None], (c - c0)[:, None]
+        other = views[b].astype(np.float32)
+        resampled = (
+            other[:, r0, c0] * (1 - fr) * (1 - fc)
+            + other[:, r0, c0 + 1] * (1 - fr) * fc
+            + other[:, r0 + 1, c0] * fr * (1 - fc)
+            + other[:, r0 + 1, c0 + 1] * fr * fc
+        )  # [T, P, 3]
+        sq_err += float(((resampled - views[a][:, seen].astype(np.float32)) ** 2).sum())
+        n += resampled.size
+    return float(10 * np.log10(255.0**2 / max(sq_err / n, 1e-12)))
