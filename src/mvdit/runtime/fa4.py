@@ -1,7 +1,7 @@
 """FlashAttention-4's forward kernels (`infer.sdpa_backend: fa4`, and `auto` where they run): the attention of every
-block runs Tri Dao's CuTe-DSL
-kernels from the `flash-attn-4` wheel (the `fa4` extra: pure Python, kernels compiled on first use for the GPU at
-hand, Hopper and Blackwell) instead of torch's SDPA, in bf16 or fp16. Inference only (forward, no gradient).
+block runs Tri Dao's CuTe-DSL kernels from the `flash-attn-4` wheel (the `fa4` extra: pure Python, kernels compiled
+on first use for the GPU at hand, Hopper and Blackwell) instead of torch's SDPA, in bf16 or fp16. Inference only
+(forward, no gradient).
 
 Applied to a loaded model from outside, like mvdit.runtime.fp8: every Attention's `attention_fn` becomes `attention`,
 a `torch.library` custom op, so compiled blocks keep it as one opaque call. `check` runs before any model loads and
