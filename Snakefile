@@ -149,6 +149,7 @@ rule prepare_data:
         f"{R}/benchmarks/prepare_data.tsv"
     conda:
         ENV
+    threads: min(workflow.cores, 8)  # processes rendering synthetic clips
     resources:  # a GPU job like inference (T5-11B embeddings)
         **slurm_resources("infer"),
         gpu=res("infer", "gpus", 0),
@@ -164,7 +165,7 @@ rule prepare_data:
         t5=lambda w, input: Path(input.t5).parent,
     shell:
         "{params.py} {params.src}/prepare_data.py --experiment {params.exp} --out-dir {params.out} --t5-dir {params.t5}"
-        " > {log} 2>&1"
+        " --workers {threads} > {log} 2>&1"
 
 
 rule train:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -53,6 +54,9 @@ def main(argv=None) -> int:
     ap.add_argument("--t5-dir", type=Path, default=None, help="default: <checkpoint_dir>/google-t5/t5-11b")
     ap.add_argument("--cache-dir", type=Path, default=None, help="prompt embeddings (default: results/<name>/t5_cache)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument(
+        "--workers", type=int, default=None, help="processes rendering synthetic clips (default: the usable cores)"
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
     try:
@@ -65,7 +69,10 @@ def main(argv=None) -> int:
         else:
             if d.source == "synthetic":
                 root = args.out_dir / "clips"
-                make_synthetic_dataset(root, d.num_clips, d.num_frames, d.height, d.width, d.seed, fps=d.fps)
+                workers = min(args.workers or os.cpu_count(), len(os.sched_getaffinity(0)))
+                make_synthetic_dataset(
+                    root, d.num_clips, d.num_frames, d.height, d.width, d.seed, fps=d.fps, workers=workers
+                )
             else:
                 root = Path(d.root)
             view_map = d.view_map

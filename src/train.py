@@ -36,6 +36,7 @@ from mvdit.runtime.lifetime import die_with_parent, under_torchrun
 from mvdit.training import TrainError
 from mvdit.training.checkpointing import ckpt_name, load_checkpoint, prune_checkpoints, read_latest, save_checkpoint
 from mvdit.training.ema import AdapterEma, ema_beta, ema_gamma, update_ema
+from mvdit.training.latents import Indexed, TrainingLatents
 from mvdit.training.loader import train_loader
 from mvdit.training.loss import draw_loss_randomness, loss_config, training_loss
 from mvdit.training.optim import optimizer_and_schedule
@@ -142,7 +143,7 @@ def log_step(log_path: Path, writer, bar, rec: dict) -> None:
     if writer is not None:
         for key in ("loss", "edm_loss", "mse_loss", "logvar", "grad_norm", "lr", "samples_per_s"):
             writer.add_scalar(f"train/{key}", rec[key], rec["step"])
-    bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}")
+    bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", refresh=False)  # mininterval paces the log
     bar.update(1)
 
 
@@ -196,7 +197,7 @@ def train(args: argparse.Namespace) -> int:
             log.info("resumed from %s at iteration %d", ckpt_dir / ckpt_name(latest), latest)
 
     dataset = dataset_from_manifest(args.data_manifest, split="train", cache_items=cfg.data.cache_in_memory)
-    loader = train_loader(dataset, d, t.batch_size, t.seed, start, cfg.data.num_workers)
+    loader = train_loader(Indexed(dataset), d, t.batch_size, t.seed, start, cfg.data.num_workers)
     tokenizer = VideoTokenizer(
         args.tokenizer_dir or cfg.tokenizer_dir,
         device=d.device,
@@ -204,6 +205,7 @@ def train(args: argparse.Namespace) -> int:
         pixel_chunk_frames=cfg.data.num_frames,
     )
     n_views = len(cfg.data.cameras)
+    latents = TrainingLatents(tokenizer, n_views, cache=t.cache_latents)
     view_ids = torch.tensor(cfg.camera_indices, device=d.device)  # each camera keeps its view-embedding row
     loss_cfg = loss_config(t)
     nan_at = {int(s) for s in args.debug_nan_at.split(",") if s}
@@ -224,10 +226,7 @@ def train(args: argparse.Namespace) -> int:
         # step: encode the batch, loss, backward, clip; all ranks agree whether the step is finite
         t0 = time.perf_counter()
         batch = next(data_iter)
-        video = batch["video"].to(d.device, non_blocking=True)
-        with torch.no_grad():
-            x = video.to(tokenizer.dtype) / 127.5 - 1  # upstream's training normalisation
-            x0 = tokenizer.encode_views(x, n_views).float()
+        x0 = latents(batch)
         text = batch["t5_text_embeddings"].to(d.device, torch.float32)
         fps = batch["fps"].to(d.device, torch.float32).reshape(-1)
         draws = draw_loss_randomness(x0, loss_cfg, gen)

@@ -20,7 +20,7 @@ from mvdit.data.synthetic import (
     render_clip,
     render_scene,
 )
-from mvdit.data.video_io import probe_video
+from mvdit.data.video_io import probe_video, read_video
 
 H, W = 48, 80
 
@@ -121,6 +121,20 @@ def test_make_synthetic_dataset_layout(tmp_path):
             info = probe_video(tmp_path / "videos" / cam / f"{n}.mp4")
             assert (info.n_frames, info.height, info.width) == (5, 16, 24)
             assert (tmp_path / "captions" / cam / f"{n}.txt").read_text().strip()
+
+
+def test_rendering_in_several_processes_writes_the_same_clips(tmp_path):
+    """workers=2 (prepare_data.py's default on 2 cores) renders clips in spawned processes: the same frames and
+    captions as one process."""
+    kw = dict(n_clips=3, n_frames=5, height=16, width=24, seed=2, supersample=1)
+    assert make_synthetic_dataset(tmp_path / "one", **kw) == make_synthetic_dataset(tmp_path / "two", workers=2, **kw)
+    for cam in CAMERAS:
+        for n in ("clip_0000", "clip_0002"):
+            a, _ = read_video(tmp_path / "one/videos" / cam / f"{n}.mp4", 0, 5)
+            b, _ = read_video(tmp_path / "two/videos" / cam / f"{n}.mp4", 0, 5)
+            assert np.array_equal(a, b), (cam, n)
+            caption_file = f"captions/{cam}/{n}.txt"
+            assert (tmp_path / "one" / caption_file).read_text() == (tmp_path / "two" / caption_file).read_text()
 
 
 def test_motion_is_visible_between_consecutive_frames_at_the_demo_format():

@@ -376,6 +376,26 @@ def test_activation_checkpointing_and_hybrid_sharding_train_the_same_model(setup
             assert losses(out) == pytest.approx(ref, rel=1e-4)
 
 
+def test_cached_latents_train_the_same_model_and_resume_exactly(setup, reference):
+    """train.cache_latents: the losses are the uncached run's up to rounding (each item encoded alone, not in its
+    batch), and a run stopped at iteration 4 and resumed (its cache rebuilt) ends bit for bit where the uninterrupted
+    cached run does."""
+    exp = yaml.safe_load((setup / "exp.yaml").read_text())
+    (setup / "cached.yaml").write_text(yaml.safe_dump(dict(exp, train=exp["train"] | {"cache_latents": True})))
+    code, err = run(setup, setup / "cached", experiment="cached.yaml")
+    assert code == 0, err[-2000:]
+    assert "train.cache_latents:" in err
+    assert losses(setup / "cached") == pytest.approx(losses(reference), rel=1e-4)
+    code, err = run(setup, setup / "cached_resumed", "--iterations", "4", experiment="cached.yaml")
+    assert code == 0, err[-2000:]
+    code, err = run(setup, setup / "cached_resumed", experiment="cached.yaml")
+    assert code == 0, err[-2000:]
+    assert "resumed from" in err
+    assert losses(setup / "cached_resumed") == losses(setup / "cached")
+    for name in ("iter_000000010_ema_model.pt", "iter_000000010_reg_model.pt"):
+        assert_same_weights(setup / "cached_resumed/checkpoints" / name, setup / "cached/checkpoints" / name)
+
+
 def test_tensorboard_logging_is_optional(setup):
     pytest.importorskip("tensorboard")
     exp = yaml.safe_load((setup / "exp.yaml").read_text())

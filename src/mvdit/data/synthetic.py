@@ -7,7 +7,9 @@ that overlap agree up to pixel sampling, and objects pass from view to view cons
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
+import multiprocessing
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -667,6 +669,31 @@ def clip_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
+def _write_clip(
+    out: Path,
+    name: str,
+    seed: int,
+    n_frames: int,
+    height: int,
+    width: int,
+    captions: bool,
+    fps: float,
+    supersample: int,
+) -> None:
+    from mvdit.data.video_io import write_video  # local: keeps the renderer importable without ffmpeg
+
+    scene = make_scene(seed)
+    views = render_scene(scene, n_frames, height, width, len(CAMERAS), fps, supersample)
+    for cam, frames in zip(CAMERAS, views, strict=True):
+        write_video(out / "videos" / cam / f"{name}.mp4", frames, fps)
+        if captions:
+            path = out / "captions" / cam / f"{name}.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(caption(scene, cam) + "\n")
+            os.replace(tmp, path)
+
+
 def make_synthetic_dataset(
     out_dir: str | os.PathLike,
     n_clips: int,
@@ -677,26 +704,26 @@ def make_synthetic_dataset(
     captions: bool = True,
     fps: float = 24.0,
     supersample: int = 2,
+    workers: int = 1,
 ) -> list[str]:
     """Write clips in the real-data layout of mvdit.data.dataset and return their names (clip_0000, ...).
 
     <out_dir>/videos/<camera>/<clip>.mp4 for every camera and <out_dir>/captions/<camera>/<clip>.txt.
+    workers > 1 renders that many clips at once in spawned processes; each clip depends only on its own seed, so the
+    files are the same whatever the count.
     """
-    from mvdit.data.video_io import write_video  # local: keeps the renderer importable without ffmpeg
-
     out = Path(out_dir)
-    names = []
-    for i in range(n_clips):
-        name = f"clip_{i:04d}"
-        scene = make_scene(clip_seed(seed, i))
-        views = render_scene(scene, n_frames, height, width, len(CAMERAS), fps, supersample)
-        for cam, frames in zip(CAMERAS, views, strict=True):
-            write_video(out / "videos" / cam / f"{name}.mp4", frames, fps)
-            if captions:
-                path = out / "captions" / cam / f"{name}.txt"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-                tmp.write_text(caption(scene, cam) + "\n")
-                os.replace(tmp, path)
-        names.append(name)
+    names = [f"clip_{i:04d}" for i in range(n_clips)]
+    jobs = [
+        (out, name, clip_seed(seed, i), n_frames, height, width, captions, fps, supersample)
+        for i, name in enumerate(names)
+    ]
+    workers = max(1, min(workers, n_clips))
+    if workers == 1:
+        for job in jobs:
+            _write_clip(*job)
+        return names
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for f in [pool.submit(_write_clip, *job) for job in jobs]:
+            f.result()  # the first failure propagates
     return names

@@ -270,6 +270,7 @@ class TrainCfg:
     precision: str
     activation_checkpointing: str
     compile: bool
+    cache_latents: bool
     sharding: str
     shard_group_size: int
     seed: int
