@@ -149,7 +149,7 @@ rule prepare_data:
         f"{R}/benchmarks/prepare_data.tsv"
     conda:
         ENV
-    threads: min(workflow.cores, 8)  # processes rendering synthetic clips
+    threads: 4  # processes rendering synthetic clips (Snakemake lowers it to --cores)
     resources:  # a GPU job like inference (T5-11B embeddings)
         **slurm_resources("infer"),
         gpu=res("infer", "gpus", 0),

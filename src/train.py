@@ -186,6 +186,8 @@ def train(args: argparse.Namespace) -> int:
     lora = LoraSettings.from_dict(dataclasses.asdict(t.lora)) if t.lora.enabled else None
     model, ema, params = build_models(cfg, args, d, param_dtype, lora)
     optim, sched = optimizer_and_schedule(params, t)
+    if d.main:
+        log.info("optimizer: AdamW, %s", "fused kernel" if optim.defaults.get("fused") else "per-tensor loop")
     gen = torch.Generator(device=d.device).manual_seed(t.seed * 1000 + d.rank)
     gamma = ema_gamma(t.ema_rate)
     start, skipped_total = 0, 0

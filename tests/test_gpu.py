@@ -38,6 +38,7 @@ def test_train_resume_copy_and_infer_on_cuda(tmp_path):
             "warmup_steps": 10,
             "precision": "bf16",
             "activation_checkpointing": "selective",
+            "cache_latents": True,  # the cache on CUDA, rebuilt by the resumed run
         },
         infer={
             "steps": 4,
@@ -63,6 +64,7 @@ def test_train_resume_copy_and_infer_on_cuda(tmp_path):
     assert p.returncode == 3, err[-4000:]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # resumes from latest_checkpoint.txt
     assert r.returncode == 0, r.stderr[-4000:]
+    assert "optimizer: AdamW, fused kernel" in r.stderr and "train.cache_latents:" in r.stderr, r.stderr[-4000:]
     steps = [json.loads(line) for line in log.read_text().splitlines()]
     assert [s["step"] for s in steps] == list(range(300))
     assert all(torch.isfinite(torch.tensor(s["loss"])) for s in steps)
