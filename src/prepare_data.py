@@ -69,7 +69,8 @@ def main(argv=None) -> int:
         else:
             if d.source == "synthetic":
                 root = args.out_dir / "clips"
-                workers = min(args.workers or os.cpu_count(), len(os.sched_getaffinity(0)))
+                cores = len(os.sched_getaffinity(0))  # the usable cores (cpu_count() counts the whole machine)
+                workers = min(args.workers or cores, cores)
                 make_synthetic_dataset(
                     root, d.num_clips, d.num_frames, d.height, d.width, d.seed, fps=d.fps, workers=workers
                 )
